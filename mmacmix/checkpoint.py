@@ -1,0 +1,115 @@
+"""Reading source checkpoints and writing converted ones, for the converters.
+
+The converters themselves are pure functions next to their models
+(``convert_acmix_resnet``...); this module holds the file handling the
+command-line tools share: clear errors for unreadable input, and atomic,
+non-clobbering output.
+"""
+
+import argparse
+import os
+import os.path as osp
+import tempfile
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+
+def read_checkpoint(path: str) -> Mapping:
+    """Reads a checkpoint file written by ``torch.save``.
+
+    Official checkpoints hold more than tensors (a yacs config, optimiser
+    state), so they are read with ``weights_only=False``: only convert files
+    you trust.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file is truncated or not a checkpoint.
+    """
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as error:  # torch raises many types for bad files
+        raise ValueError(
+            f'{path!r} is not a readable PyTorch checkpoint (truncated or '
+            f'another format): {type(error).__name__}: {error}'
+        ) from error
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f'{path!r} holds a {type(data).__name__}, not a checkpoint dict'
+        )
+    return data
+
+
+def write_backbone_checkpoint(
+    state_dict: Mapping[str, Tensor], path: str, force: bool = False
+) -> None:
+    """Writes ``{'state_dict': {'backbone.' + key: value}}`` atomically.
+
+    The file is written beside ``path`` under a temporary name and renamed
+    over it, so an interrupted run never leaves a partial checkpoint.
+
+    Args:
+        state_dict (Mapping[str, Tensor]): Backbone weights, without prefix.
+        path (str): Destination file.
+        force (bool): Overwrite an existing ``path``. Defaults to False.
+
+    Raises:
+        FileExistsError: If ``path`` exists and ``force`` is False.
+    """
+    if osp.exists(path) and not force:
+        raise FileExistsError(
+            f'{path!r} already exists; pass --force to overwrite it'
+        )
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    payload = {
+        'state_dict': {
+            f'backbone.{key}': value.detach().clone()
+            for key, value in state_dict.items()
+        }
+    }
+    handle, tmp_path = tempfile.mkstemp(
+        dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp'
+    )
+    try:
+        with os.fdopen(handle, 'wb') as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def convert_cli(
+    convert: Callable[[Mapping], Mapping[str, Tensor]],
+    description: str,
+    argv: list[str] | None = None,
+) -> None:
+    """Runs a converter as ``SRC DST [--force]``: the body of every CLI.
+
+    Errors are printed as one line and exit with status 1; nothing is
+    written unless the conversion succeeded.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('src', help='official checkpoint to read')
+    parser.add_argument('dst', help='converted checkpoint to write')
+    parser.add_argument(
+        '--force', action='store_true', help='overwrite DST if it exists'
+    )
+    args = parser.parse_args(argv)
+    try:
+        if osp.exists(args.dst) and not args.force:
+            raise FileExistsError(
+                f'{args.dst!r} already exists; pass --force to overwrite it'
+            )
+        state_dict = convert(read_checkpoint(args.src))
+        write_backbone_checkpoint(state_dict, args.dst, force=args.force)
+    except (OSError, KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) else error
+        parser.exit(1, f'error: {message}\n')
+    print(f'wrote {len(state_dict)} tensors to {args.dst}')

@@ -1,0 +1,280 @@
+"""The ACmix operator (Pan et al., CVPR 2022, arXiv 2111.14556).
+
+ACmix shares one set of 1x1 projections (q, k, v) between two paths and adds
+their outputs with two learnable scalars:
+
+* an attention path: multi-head self-attention over the projected maps
+  (local 7x7 windows in the convolution form, (shifted) windows in Swin);
+* a convolution path: a light fully connected layer turns the ``3 * heads``
+  projected maps of each channel group into ``k^2`` maps, which a grouped 3x3
+  convolution with one-hot ("shift") initial kernels shifts and sums.
+
+:class:`ACmixBase` holds what both forms share (the convolution path and the
+mixing rates); :class:`ACmix` is the convolution form used by ACmix-ResNet,
+built like an ``nn.Conv2d`` so that mmcv's ``build_conv_layer`` can put it in
+place of any 3x3 convolution.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.model import BaseModule
+from torch import Tensor
+
+from mmacmix.ops import local_attention
+from mmacmix.registry import MODELS
+
+SHIFT_KERNEL_SIZE = 3
+
+
+class ACmixBase(BaseModule):
+    """The convolution path and mixing rates shared by every ACmix form.
+
+    Parameter names follow the official code so its weights map one to one:
+    ``fc`` (``k^2`` x ``3 * num_heads`` 1x1 convolution), ``dep_conv`` (grouped
+    3x3 convolution without bias, one group per head channel), ``rate1``
+    (attention) and ``rate2`` (convolution).
+
+    Args:
+        embed_dims (int): Channels of q, k, v and of the output.
+        num_heads (int): Number of heads; must divide ``embed_dims``.
+        fc_bias (bool): Whether ``fc`` has a bias (Swin form: yes, ResNet
+            form: no, as in the official code).
+        stride (int): Stride of the shift convolution. Defaults to 1.
+        init_cfg (dict, optional): Initialisation config. Defaults to None.
+    """
+
+    def __init__(
+        self,
+        embed_dims: int,
+        num_heads: int,
+        fc_bias: bool,
+        stride: int = 1,
+        init_cfg: dict | None = None,
+    ) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if embed_dims % num_heads:
+            raise ValueError(
+                f'embed_dims ({embed_dims}) must be divisible '
+                f'by num_heads ({num_heads})'
+            )
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.head_dims = embed_dims // num_heads
+        kernel_area = SHIFT_KERNEL_SIZE**2
+        self.rate1 = nn.Parameter(torch.empty(1))
+        self.rate2 = nn.Parameter(torch.empty(1))
+        self.fc = nn.Conv2d(3 * num_heads, kernel_area, 1, bias=fc_bias)
+        self.dep_conv = nn.Conv2d(
+            kernel_area * self.head_dims,
+            embed_dims,
+            SHIFT_KERNEL_SIZE,
+            stride=stride,
+            padding=SHIFT_KERNEL_SIZE // 2,
+            groups=self.head_dims,
+            bias=False,
+        )
+        self.reset_mixing()
+
+    def reset_mixing(self) -> None:
+        """Sets both rates to 0.5 and the shift kernels to one-hot.
+
+        Kernel ``i`` of every output channel has its 1 at ``(i // 3, i % 3)``,
+        so at initialisation the convolution path sums the ``k^2`` maps, map
+        ``i`` shifted by ``(i // 3 - 1, i % 3 - 1)`` with zero padding.
+        """
+        nn.init.constant_(self.rate1, 0.5)
+        nn.init.constant_(self.rate2, 0.5)
+        one_hot = torch.eye(SHIFT_KERNEL_SIZE**2).view(
+            1, -1, SHIFT_KERNEL_SIZE, SHIFT_KERNEL_SIZE
+        )
+        with torch.no_grad():
+            self.dep_conv.weight.copy_(one_hot.expand_as(self.dep_conv.weight))
+
+    def init_weights(self) -> None:
+        """Keeps the shift kernels and rates when a parent re-initialises.
+
+        Parent backbones apply e.g. Kaiming to every ``nn.Conv2d`` first; the
+        one-hot kernels and the rates of 0.5 are part of the method, so they
+        are restored afterwards (pretrained weights are loaded later still).
+        """
+        super().init_weights()
+        self.reset_mixing()
+
+    def conv_path(self, qkv: Tensor) -> Tensor:
+        """Runs the convolution path.
+
+        Args:
+            qkv (Tensor): ``(B, 3 * C, H, W)``, channel ``s * C + h * D + d``
+                for projection ``s`` (q, k, v), head ``h`` and head channel
+                ``d`` (``D`` channels per head).
+
+        Returns:
+            Tensor: ``(B, C, H', W')``, ``H' = ceil(H / stride)``.
+        """
+        b, _, h, w = qkv.shape
+        grouped = qkv.reshape(b, 3 * self.num_heads, self.head_dims, h * w)
+        shifts = self.fc(grouped)  # (B, k^2, D, HW)
+        # The grouped convolution wants channel d * k^2 + i.
+        shifts = shifts.transpose(1, 2).reshape(b, -1, h, w)
+        return self.dep_conv(shifts)
+
+    def mix(self, attention: Tensor, convolution: Tensor) -> Tensor:
+        """Returns ``rate1 * attention + rate2 * convolution``."""
+        return self.rate1 * attention + self.rate2 * convolution
+
+
+def position_grid(height: int, width: int, like: Tensor) -> Tensor:
+    """Returns the ``(1, 2, H, W)`` grid of x and y in ``[-1, 1]``.
+
+    Args:
+        height (int): Rows of the grid.
+        width (int): Columns of the grid.
+        like (Tensor): Tensor whose dtype and device the grid takes.
+    """
+    kwargs = dict(dtype=like.dtype, device=like.device)
+    xs = torch.linspace(-1.0, 1.0, width, **kwargs)
+    ys = torch.linspace(-1.0, 1.0, height, **kwargs)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing='ij')
+    return torch.stack([grid_x, grid_y]).unsqueeze(0)
+
+
+@MODELS.register_module()
+class ACmix(ACmixBase):
+    """ACmix in convolution form: a drop-in for a 3x3 convolution.
+
+    Matches the official ``ACmix(in, out, kernel_att=7, head=4, kernel_conv=3,
+    stride)`` parameter for parameter (``conv1``/``conv2``/``conv3`` are the
+    q/k/v projections, ``conv_p`` the position encoding) and computes the
+    same function, with two differences where the official code fails:
+    odd sizes at stride 2 give ``ceil(H / 2)`` rows, like a padded 3x3
+    stride-2 convolution, and maps smaller than the attention window reflect
+    repeatedly instead of raising.
+
+    The attention logits of the official code, ``q . (k + pe_q - pe_k)``,
+    differ from ``q . (k - pe_k)`` by a term constant over each window, which
+    the softmax cancels; the latter lets the window kernel see plain keys.
+
+    The signature is that of ``nn.Conv2d`` so that
+    ``build_conv_layer(dict(type='mmacmix.ACmix'), ...)`` can replace a 3x3
+    convolution. Arguments ACmix cannot honour raise ``ValueError``.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels; divisible by ``num_heads``.
+        kernel_size (int): Kernel of the convolution path; only 3.
+            Defaults to 3.
+        stride (int): 1 or 2. Defaults to 1.
+        padding (int): Only 1, the padding a 3x3 convolution needs to keep
+            the size. Defaults to 1.
+        dilation (int): Only 1. Defaults to 1.
+        groups (int): Only 1. Defaults to 1.
+        bias (bool): Only False: ACmix has no output bias. Defaults to False.
+        num_heads (int): Attention heads. Defaults to 4.
+        attn_kernel_size (int): Side of the local attention window; odd.
+            Defaults to 7.
+        init_cfg (dict, optional): Initialisation config. Defaults to None.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] = 3,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 1,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        num_heads: int = 4,
+        attn_kernel_size: int = 7,
+        init_cfg: dict | None = None,
+    ) -> None:
+        kernel_size = _single('kernel_size', kernel_size)
+        stride = _single('stride', stride)
+        unsupported = {
+            'kernel_size': (kernel_size, SHIFT_KERNEL_SIZE),
+            'padding': (_single('padding', padding), SHIFT_KERNEL_SIZE // 2),
+            'dilation': (_single('dilation', dilation), 1),
+            'groups': (groups, 1),
+            'bias': (bias, False),
+        }
+        for name, (value, supported) in unsupported.items():
+            if value != supported:
+                raise ValueError(
+                    f'ACmix supports only {name}={supported!r}, '
+                    f'got {name}={value!r}'
+                )
+        if stride not in (1, 2):
+            raise ValueError(f'ACmix supports stride 1 or 2, got {stride}')
+        if attn_kernel_size < 1 or attn_kernel_size % 2 == 0:
+            raise ValueError(
+                'attn_kernel_size must be a positive odd '
+                f'number, got {attn_kernel_size}'
+            )
+        super().__init__(
+            out_channels,
+            num_heads,
+            fc_bias=False,
+            stride=stride,
+            init_cfg=init_cfg,
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.stride = stride
+        self.attn_kernel_size = attn_kernel_size
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 1)
+        self.conv2 = nn.Conv2d(in_channels, out_channels, 1)
+        self.conv3 = nn.Conv2d(in_channels, out_channels, 1)
+        self.conv_p = nn.Conv2d(2, self.head_dims, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Applies ACmix to ``(B, in_channels, H, W)``.
+
+        Returns:
+            Tensor: ``(B, out_channels, ceil(H / s), ceil(W / s))``.
+        """
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f'ACmix expects a (B, {self.in_channels}, H, W) tensor, got '
+                f'shape {tuple(x.shape)}'
+            )
+        b, _, h, w = x.shape
+        # One 1x1 convolution for all three projections, read once.
+        weight = torch.cat(
+            [self.conv1.weight, self.conv2.weight, self.conv3.weight]
+        )
+        bias = torch.cat([self.conv1.bias, self.conv2.bias, self.conv3.bias])
+        qkv = F.conv2d(x, weight, bias)
+
+        heads = b * self.num_heads
+        q, k, v = (
+            t.reshape(heads, self.head_dims, h, w) for t in qkv.chunk(3, dim=1)
+        )
+        q = q[..., :: self.stride, :: self.stride] * self.head_dims**-0.5
+        keys = k - self.conv_p(position_grid(h, w, x))
+        attention = local_attention(
+            q, keys, v, self.attn_kernel_size, stride=self.stride
+        )
+        attention = attention.reshape(
+            b, self.out_channels, *attention.shape[-2:]
+        )
+        return self.mix(attention, self.conv_path(qkv))
+
+    def extra_repr(self) -> str:
+        return (
+            f'{self.in_channels}, {self.out_channels}, '
+            f'stride={self.stride}, num_heads={self.num_heads}, '
+            f'attn_kernel_size={self.attn_kernel_size}'
+        )
+
+
+def _single(name: str, value: int | tuple[int, ...]) -> int:
+    """Returns ``value`` as an int, accepting a square pair like convs do."""
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) != 1:
+            raise ValueError(
+                f'ACmix supports only square {name}, got {value!r}'
+            )
+        value = value[0]
+    return value

@@ -1,0 +1,116 @@
+"""Helpers shared by the backbones: strict pretrained loading."""
+
+import os.path as osp
+from collections.abc import Callable
+
+import torch
+from mmengine.runner.checkpoint import CheckpointLoader
+from torch import nn
+
+
+def init_weights_strictly(
+    module: nn.Module,
+    base_init_weights: Callable[[], None],
+    after_init: Callable[[], None] | None = None,
+) -> None:
+    """Runs a BaseModule's ``init_weights`` with a strict ``Pretrained`` step.
+
+    MMEngine loads ``init_cfg=dict(type='Pretrained', ...)`` with
+    ``strict=False``, which hides converter mistakes behind a log line. Here
+    every other ``init_cfg`` entry runs first (through ``base_init_weights``),
+    then ``after_init``, then the pretrained weights are loaded with
+    :func:`load_pretrained`, which fails on any missing or unexpected key.
+
+    Args:
+        module (nn.Module): A BaseModule whose ``init_cfg`` is read.
+        base_init_weights (callable): The parent class's ``init_weights``
+            bound to ``module``.
+        after_init (callable, optional): Run after the plain initialisation
+            and before pretrained weights (e.g. zeroing residual branches).
+    """
+    full_cfg = module.init_cfg
+    cfgs = full_cfg if isinstance(full_cfg, list) else [full_cfg]
+    pretrained = [c for c in cfgs if c and c.get('type') == 'Pretrained']
+    module.init_cfg = [c for c in cfgs if c and c not in pretrained] or None
+    try:
+        base_init_weights()
+    finally:
+        module.init_cfg = full_cfg
+    if after_init is not None:
+        after_init()
+    for cfg in pretrained:
+        load_pretrained(module, cfg['checkpoint'], cfg.get('prefix'))
+
+
+def load_pretrained(
+    module: nn.Module, checkpoint: str, prefix: str | None = None
+) -> None:
+    """Loads a checkpoint into ``module`` with strict key matching.
+
+    Args:
+        module (nn.Module): The model to load into.
+        checkpoint (str): A local path or any URL MMEngine can read. The file
+            holds a state dict, or a dict with it under ``'state_dict'``.
+        prefix (str, optional): Only keys starting with it are loaded, with
+            it removed (``'backbone.'`` for a detector checkpoint or one our
+            converters wrote). Defaults to None (all keys).
+
+    Raises:
+        FileNotFoundError: If a local ``checkpoint`` does not exist.
+        KeyError: If the prefix matches nothing, or keys are missing or
+            unexpected (all are named).
+    """
+    state_dict = read_state_dict(checkpoint)
+    if prefix:
+        state_dict = {
+            key[len(prefix) :]: value
+            for key, value in state_dict.items()
+            if key.startswith(prefix)
+        }
+        if not state_dict:
+            raise KeyError(
+                f'no key of {checkpoint} starts with the prefix {prefix!r}'
+            )
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(state_dict))
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f'{checkpoint} does not fit {type(module).__name__}: missing '
+            f'keys {describe_keys(missing)}, unexpected keys '
+            f'{describe_keys(unexpected)}. Official checkpoints must be '
+            'converted first (tools/model_converters/).'
+        )
+    module.load_state_dict(state_dict, strict=True)
+
+
+def read_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
+    """Reads the state dict of a checkpoint file or URL.
+
+    Local files are read with ``weights_only=False`` so that Runner
+    checkpoints (which hold more than tensors) load on torch >= 2.6.
+    """
+    if '://' not in checkpoint:
+        if not osp.isfile(checkpoint):
+            raise FileNotFoundError(
+                f'pretrained checkpoint {checkpoint!r} does not exist; '
+                'convert the official weights first (see README, '
+                '"Converting checkpoints")'
+            )
+        data = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    else:
+        data = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+    if isinstance(data, dict) and isinstance(data.get('state_dict'), dict):
+        data = data['state_dict']
+    if not isinstance(data, dict) or not all(
+        isinstance(v, torch.Tensor) for v in data.values()
+    ):
+        raise ValueError(f'{checkpoint} holds no state dict')
+    return data
+
+
+def describe_keys(keys: list[str], limit: int = 8) -> str:
+    """Lists ``keys`` for an error message, the first ``limit`` by name."""
+    if len(keys) <= limit:
+        return str(keys)
+    return f'{keys[:limit]} and {len(keys) - limit} more'

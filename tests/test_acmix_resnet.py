@@ -1,0 +1,184 @@
+"""ACmixResNet: architecture, API of mmdet's ResNet, official checkpoints."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmacmix.models import ACmixResNet, convert_acmix_resnet
+
+REPO = Path(__file__).resolve().parents[1]
+CONVERTER = REPO / 'tools/model_converters/acmix_resnet2mmacmix.py'
+
+
+@pytest.mark.parametrize(
+    'depth, expected',
+    [
+        (26, 8_438_816),
+        (38, 12_361_896),
+        (50, 16_284_976),
+    ],
+)
+def test_parameter_count_equals_the_official_model_without_fc(depth, expected):
+    model = ACmixResNet(depth=depth)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_invalid_depth_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r'\[26, 38, 50\]'):
+        ACmixResNet(depth=18)
+
+
+@pytest.mark.parametrize('size', [(64, 64), (75, 53)])
+def test_outputs_are_nchw_at_strides_4_to_32(size):
+    model = ACmixResNet(depth=26).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    for out, channels, stride in zip(
+        outs, (256, 512, 1024, 2048), (4, 8, 16, 32)
+    ):
+        assert out.shape == (
+            1,
+            channels,
+            -(-size[0] // stride),
+            -(-size[1] // stride),
+        )
+        assert torch.isfinite(out).all()
+
+
+def test_out_indices_select_stages():
+    model = ACmixResNet(depth=26, out_indices=(1, 3)).eval()
+    outs = model(torch.randn(1, 3, 32, 32))
+    assert [o.shape[1] for o in outs] == [512, 2048]
+
+
+def test_frozen_stages_and_norm_eval_survive_train():
+    model = ACmixResNet(depth=26, frozen_stages=2, norm_eval=True)
+    model.train()
+    for name, param in model.named_parameters():
+        frozen = name.startswith(('conv1', 'bn1', 'layer1', 'layer2'))
+        assert param.requires_grad is not frozen, name
+    assert not model.layer1[0].training and not model.layer3[0].bn1.training
+    assert model.layer3[0].training
+
+
+def test_every_parameter_receives_a_gradient():
+    model = ACmixResNet(depth=26, zero_init_residual=False)
+    model.init_weights()
+    outs = model(torch.randn(2, 3, 64, 64))
+    sum(o.square().mean() for o in outs).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    silent = [n for n, p in model.named_parameters() if not p.grad.any()]
+    assert not silent
+
+
+def test_with_cp_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = ACmixResNet(depth=26, out_indices=(3,))
+    checkpointed = ACmixResNet(depth=26, out_indices=(3,), with_cp=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 48, 48)
+    grads = []
+    for model in (plain, checkpointed):
+        model(x)[0].sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert torch.allclose(plain(x)[0], checkpointed(x)[0], atol=1e-6)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def official_checkpoint(model: ACmixResNet) -> dict:
+    """What the official main.py saves for this architecture."""
+    state = {f'module.{k}': v for k, v in model.state_dict().items()}
+    state['module.fc.weight'] = torch.randn(1000, 2048)
+    state['module.fc.bias'] = torch.randn(1000)
+    return {
+        'epoch': 90,
+        'arch': 'acmix',
+        'state_dict': state,
+        'best_acc1': 76.1,
+        'optimizer': {'state': {}},
+    }
+
+
+def test_converted_checkpoint_reproduces_the_source_features(tmp_path):
+    torch.manual_seed(0)
+    source = ACmixResNet(depth=26)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    src, dst = tmp_path / 'official.pth', tmp_path / 'mmacmix.pth'
+    torch.save(official_checkpoint(source), src)
+    subprocess.run([sys.executable, CONVERTER, src, dst], check=True, cwd=REPO)
+    saved = torch.load(dst, weights_only=True)['state_dict']
+    assert all(k.startswith('backbone.') for k in saved)
+
+    loaded = ACmixResNet(
+        depth=26,
+        init_cfg=dict(
+            type='Pretrained', checkpoint=str(dst), prefix='backbone.'
+        ),
+    )
+    loaded.init_weights()
+    x = torch.randn(1, 3, 64, 64)
+    source.eval(), loaded.eval()
+    with torch.no_grad():
+        for a, b in zip(source(x), loaded(x)):
+            assert torch.equal(a, b)
+
+
+def test_converter_names_missing_and_unknown_keys():
+    checkpoint = official_checkpoint(ACmixResNet(depth=26))
+    state = checkpoint['state_dict']
+    state.pop('module.layer2.1.conv2.rate2')
+    state['module.layer2.1.conv2.extra'] = torch.zeros(1)
+    with pytest.raises(
+        KeyError, match='layer2.1.conv2.rate2.*layer2.1.conv2.extra'
+    ):
+        convert_acmix_resnet(checkpoint)
+
+
+def test_converter_rejects_a_plain_resnet_naming_acmix_keys(tmp_path):
+    plain = {
+        f'layer{s}.{b}.conv2.weight': torch.zeros(1)
+        for s, n in zip(range(1, 5), (3, 4, 6, 3))
+        for b in range(n)
+    }
+    with pytest.raises(KeyError, match='no ACmix key.*rate1'):
+        convert_acmix_resnet({'state_dict': plain})
+
+
+def test_converter_cli_refuses_bad_input_and_writes_nothing(tmp_path):
+    src, dst = tmp_path / 'truncated.pth', tmp_path / 'out.pth'
+    torch.save(official_checkpoint(ACmixResNet(depth=26)), src)
+    src.write_bytes(src.read_bytes()[:1000])
+    result = subprocess.run(
+        [sys.executable, CONVERTER, src, dst],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 1
+    assert 'not a readable PyTorch checkpoint' in result.stderr
+    assert list(tmp_path.iterdir()) == [src]
+
+    dst.write_text('keep me')
+    result = subprocess.run(
+        [sys.executable, CONVERTER, src, dst],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert 'already exists' in result.stderr and dst.read_text() == 'keep me'
+
+
+def test_pretrained_checkpoint_that_does_not_exist_is_named(tmp_path):
+    path = tmp_path / 'missing.pth'
+    model = ACmixResNet(
+        depth=26, init_cfg=dict(type='Pretrained', checkpoint=str(path))
+    )
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        model.init_weights()
