@@ -194,8 +194,8 @@ class ACmix(ACmixBase):
         stride = _single('stride', stride)
         unsupported = {
             'kernel_size': (kernel_size, SHIFT_KERNEL_SIZE),
-            'padding': (_single('padding', padding), SHIFT_KERNEL_SIZE // 2),
             'dilation': (_single('dilation', dilation), 1),
+            'padding': (_single('padding', padding), SHIFT_KERNEL_SIZE // 2),
             'groups': (groups, 1),
             'bias': (bias, False),
         }
