@@ -1,0 +1,31 @@
+# Mask R-CNN, ACmix-Swin-T backbone, 1x: mmdet's Swin-T recipe, backbone
+# swapped. Convert the released ImageNet weights first (README).
+_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
+custom_imports = dict(imports=['mmacmix'], allow_failed_imports=False)
+
+pretrained = 'checkpoints/acmix-swin-t_in1k_mmacmix.pth'
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='mmacmix.ACmixSwinTransformer',
+        arch='tiny',
+        window_size=7,
+        drop_path_rate=0.2,
+        out_indices=(0, 1, 2, 3),
+        with_cp=False,
+        init_cfg=dict(
+            type='Pretrained', checkpoint=pretrained, prefix='backbone.'
+        ),
+    )
+)
+
+# Beside the recipe's no-decay keys (relative_position_bias_table, norm): the
+# ACmix mixing rates, which the official ImageNet training did not decay.
+optim_wrapper = dict(
+    paramwise_cfg=dict(
+        custom_keys={
+            'attn.rate1': dict(decay_mult=0.0),
+            'attn.rate2': dict(decay_mult=0.0),
+        }
+    )
+)
