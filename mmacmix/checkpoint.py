@@ -9,6 +9,7 @@ non-clobbering output.
 import argparse
 import os
 import os.path as osp
+import pickle
 import tempfile
 from collections.abc import Callable, Mapping
 
@@ -21,7 +22,9 @@ def read_checkpoint(path: str) -> Mapping:
 
     Official checkpoints hold more than tensors (a yacs config, optimiser
     state), so they are read with ``weights_only=False``: only convert files
-    you trust.
+    you trust. Objects whose class cannot be imported here (the yacs
+    ``CfgNode`` of the Swin releases, when yacs is not installed) are read
+    as plain dicts: converters only need the tensors.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
@@ -30,7 +33,12 @@ def read_checkpoint(path: str) -> Mapping:
     if not osp.isfile(path):
         raise FileNotFoundError(f'checkpoint {path!r} does not exist')
     try:
-        data = torch.load(path, map_location='cpu', weights_only=False)
+        data = torch.load(
+            path,
+            map_location='cpu',
+            weights_only=False,
+            pickle_module=_TolerantPickle,
+        )
     except Exception as error:  # torch raises many types for bad files
         raise ValueError(
             f'{path!r} is not a readable PyTorch checkpoint (truncated or '
@@ -41,6 +49,34 @@ def read_checkpoint(path: str) -> Mapping:
             f'{path!r} holds a {type(data).__name__}, not a checkpoint dict'
         )
     return data
+
+
+class _Unimportable(dict):
+    """Stands in for a pickled object whose class is not importable."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, dict):
+            self.update(state)
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return _Unimportable
+
+
+class _TolerantPickle:
+    """A ``pickle`` module for ``torch.load`` that tolerates missing
+    classes."""
+
+    Unpickler = _TolerantUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = 'pickle'
 
 
 def write_backbone_checkpoint(

@@ -437,23 +437,11 @@ def test_converted_weights_load_with_fewer_outputs(converted):
     detector.load_state_dict(saved, strict=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='mmacmix.models.utils.load_pretrained compares key sets before '
-    'the load-state-dict pre-hook can drop the unused norm0 (needs a change '
-    'in that shared file)',
-)
 def test_pretrained_init_cfg_with_fewer_outputs(converted):
     model = pretrained(converted, out_indices=(1, 2, 3))
     assert not hasattr(model, 'norm0')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='mmacmix.checkpoint.read_checkpoint cannot unpickle the config of '
-    'a release (a yacs CfgNode) when its class is not installed (needs a '
-    'change in that shared file)',
-)
 def test_cli_reads_a_release_whose_config_class_is_absent(reference, tmp_path):
     # The released files pickle a yacs CfgNode; yacs is no dependency here.
     module = 'absent_release_config'

@@ -2,5 +2,13 @@
 
 from .acmix import ACmix, ACmixBase
 from .acmix_resnet import ACmixResNet, convert_acmix_resnet
+from .acmix_swin import ACmixSwinTransformer, convert_acmix_swin
 
-__all__ = ['ACmix', 'ACmixBase', 'ACmixResNet', 'convert_acmix_resnet']
+__all__ = [
+    'ACmix',
+    'ACmixBase',
+    'ACmixResNet',
+    'ACmixSwinTransformer',
+    'convert_acmix_resnet',
+    'convert_acmix_swin',
+]

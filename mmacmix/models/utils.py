@@ -71,17 +71,17 @@ def load_pretrained(
             raise KeyError(
                 f'no key of {checkpoint} starts with the prefix {prefix!r}'
             )
-    expected = set(module.state_dict())
-    missing = sorted(expected - set(state_dict))
-    unexpected = sorted(set(state_dict) - expected)
-    if missing or unexpected:
+    # Loading non-strictly and checking the result (rather than comparing
+    # key sets first) lets load-state-dict pre-hooks of the model adapt keys.
+    result = module.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
         raise KeyError(
             f'{checkpoint} does not fit {type(module).__name__}: missing '
-            f'keys {describe_keys(missing)}, unexpected keys '
-            f'{describe_keys(unexpected)}. Official checkpoints must be '
-            'converted first (tools/model_converters/).'
+            f'keys {describe_keys(sorted(result.missing_keys))}, unexpected '
+            f'keys {describe_keys(sorted(result.unexpected_keys))}. '
+            'Official checkpoints must be converted first '
+            '(tools/model_converters/).'
         )
-    module.load_state_dict(state_dict, strict=True)
 
 
 def read_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
