@@ -89,10 +89,12 @@ def shifted_window_mask(
     """
 
     def regions(size: int) -> Tensor:
-        ids = torch.zeros(size, dtype=torch.long, device=like.device)
-        ids[size - window :] = 1
-        ids[size - shift :] = 2
-        return ids
+        # Comparisons rather than slice assignment: an ONNX export then
+        # computes the mask from the traced size (see mmacmix.deploy).
+        position = torch.arange(size, device=like.device)
+        return (position >= size - window).long() + (
+            position >= size - shift
+        ).long()
 
     ids = regions(height)[:, None] * 3 + regions(width)[None, :]
     ids = ids.view(height // window, window, width // window, window)
@@ -437,7 +439,12 @@ class ACmixSwinStage(BaseModule):
         window, shift = self.windowing(hw_shape)
         mask = None
         if shift:
-            padded = [math.ceil(side / window) * window for side in hw_shape]
+            # Integer arithmetic on non-negative sizes only: it stays in
+            # the graph when traced for ONNX (math.ceil would fix the size,
+            # and floor division of negatives is exported as truncation).
+            padded = [
+                (side + window - 1) // window * window for side in hw_shape
+            ]
             mask = shifted_window_mask(*padded, window, shift, x)
         for index, block in enumerate(self.blocks):
             shifted = index % 2 == 1
