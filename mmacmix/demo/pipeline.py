@@ -1,0 +1,420 @@
+"""The end-to-end demo: data, training, COCO evaluation, plots.
+
+:func:`run_demo` generates the synthetic shapes dataset (once, under
+``data_root``), trains the ACmix Mask R-CNN of
+``configs/demo/mask-rcnn_acmix-r26_fpn_shapes.py`` on it with MMEngine's
+Runner on the CPU, evaluates it with mmdet's ``CocoMetric`` on the
+validation split, and writes into ``out_dir``:
+
+* ``metrics.json``: the COCO metrics, iterations, wall time;
+* ``loss_curve.png``: training loss (and its parts) per iteration;
+* ``predictions/*.png``: validation images, ground truth left, predicted
+  boxes and masks right;
+* ``train/``: the Runner's work folder (log, config, final checkpoint).
+"""
+
+import json
+import logging
+import os
+import os.path as osp
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from mmengine.config import Config
+from mmengine.hooks import Hook
+
+from mmacmix.apis import build_runner, load_config
+from mmacmix.datasets import ShapesSpec, generate_shapes_dataset
+
+# The dataset the demo trains on: 128x128 images with up to five partly
+# hidden shapes each on a striped, noisy background.
+DEMO_SHAPES = ShapesSpec(
+    num_train=1000, num_val=100, image_size=(128, 128), max_instances=5
+)
+TINY_SHAPES = ShapesSpec(
+    num_train=8, num_val=4, image_size=(128, 128), max_instances=3
+)
+CONFIG_DATA_ROOT = 'data/shapes/'
+
+
+def default_config() -> str:
+    """Path of the demo's Mask R-CNN config in this checkout."""
+    root = Path(__file__).resolve().parents[2]
+    return str(root / 'configs' / 'demo' / 'mask-rcnn_acmix-r26_fpn_shapes.py')
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` produced.
+
+    Attributes:
+        metrics (dict): COCO metrics (``coco/bbox_mAP``...) and timings.
+        files (dict): Paths of ``metrics``, ``loss_curve`` and
+            ``predictions`` (a list).
+    """
+
+    metrics: dict
+    files: dict = field(default_factory=dict)
+
+
+def run_demo(
+    out_dir: str = 'work_dirs/demo',
+    data_root: str = 'data/shapes',
+    config: str | None = None,
+    tiny: bool = False,
+    max_iters: int | None = None,
+    num_images: int = 4,
+    progress: bool = True,
+) -> DemoResult:
+    """Runs the whole demo; see the module docstring for what it writes.
+
+    Args:
+        out_dir (str): Folder of the results. Defaults to
+            ``'work_dirs/demo'``.
+        data_root (str): Folder of the shapes dataset, generated there if
+            absent. Defaults to ``'data/shapes'``.
+        config (str, optional): Mask R-CNN config; defaults to the demo's.
+        tiny (bool): A seconds-long smoke run (8 training images, 2
+            iterations of batch 2) that exercises every step. Its numbers
+            mean nothing.
+        max_iters (int, optional): Overrides the config's iterations.
+        num_images (int): Validation images to draw. Defaults to 4.
+        progress (bool): Show a progress bar. Defaults to True.
+
+    Returns:
+        DemoResult: Metrics and file paths.
+    """
+    start = time.perf_counter()
+    say = print if progress else (lambda *args, **kwargs: None)
+    spec = TINY_SHAPES if tiny else DEMO_SHAPES
+    if tiny and data_root == 'data/shapes':
+        data_root = 'data/shapes_tiny'
+    say(f'[1/4] shapes dataset in {data_root} ...', end=' ', flush=True)
+    generate_shapes_dataset(data_root, spec)
+    say(f'{spec.num_train} train / {spec.num_val} val images')
+
+    cfg = demo_config(
+        config or default_config(),
+        data_root,
+        osp.join(out_dir, 'train'),
+        tiny=tiny,
+        max_iters=max_iters,
+    )
+    iterations = cfg.train_cfg.max_iters
+    say(
+        f'[2/4] training ACmix Mask R-CNN for {iterations} iterations '
+        f'(batch {cfg.train_dataloader.batch_size}) on the CPU'
+    )
+    runner = build_runner(cfg)
+    _quiet_console(runner.logger)
+    progress_hook = ProgressHook(iterations, enabled=progress)
+    runner.register_hook(progress_hook, 'LOW')
+    runner.train()
+    train_seconds = time.perf_counter() - start
+
+    say('[4/4] plots ...')
+    os.makedirs(out_dir, exist_ok=True)
+    files = dict(
+        metrics=osp.join(out_dir, 'metrics.json'),
+        loss_curve=plot_losses(
+            scalars_file(runner), osp.join(out_dir, 'loss_curve.png')
+        ),
+        predictions=draw_predictions(
+            runner, osp.join(out_dir, 'predictions'), num_images
+        ),
+    )
+    metrics = {k: _number(v) for k, v in progress_hook.metrics.items()}
+    metrics.update(
+        iterations=iterations,
+        train_images=spec.num_train,
+        val_images=spec.num_val,
+        train_and_eval_seconds=round(train_seconds, 1),
+        wall_seconds=round(time.perf_counter() - start, 1),
+    )
+    with open(files['metrics'], 'w') as file:
+        json.dump(metrics, file, indent=2)
+    say(
+        f'bbox mAP {metrics.get("coco/bbox_mAP", float("nan")):.3f}, '
+        f'mask mAP {metrics.get("coco/segm_mAP", float("nan")):.3f} '
+        f'({spec.num_val} val images); {metrics["wall_seconds"]:.0f} s in '
+        f'all. Results in {out_dir}/'
+    )
+    return DemoResult(metrics, files)
+
+
+def demo_config(
+    config: str,
+    data_root: str,
+    work_dir: str,
+    tiny: bool = False,
+    max_iters: int | None = None,
+) -> Config:
+    """Loads the demo config, pointed at ``data_root``.
+
+    Every path of the config that starts with ``data/shapes/`` (data roots,
+    the evaluator's annotation file) is moved under ``data_root``.
+
+    Args:
+        config (str): The Mask R-CNN config.
+        data_root (str): Where the shapes dataset is.
+        work_dir (str): The Runner's work folder.
+        tiny (bool): Shrink the run to seconds (see :func:`run_demo`).
+        max_iters (int, optional): Training iterations.
+
+    Returns:
+        Config: The config to build the Runner from.
+    """
+    cfg = load_config(config, work_dir=work_dir)
+    root = data_root.rstrip('/') + '/'
+    _replace_prefix(cfg._cfg_dict, CONFIG_DATA_ROOT, root)
+    if tiny:
+        max_iters = max_iters or 2
+        cfg.train_dataloader.batch_size = 2
+        cfg.default_hooks.logger.interval = 1
+        cfg.log_processor.window_size = 1
+    if max_iters is not None:
+        _rescale_schedule(cfg, max_iters)
+    iterations = cfg.train_cfg.max_iters
+    # One evaluation, at the end of training; one checkpoint, the last.
+    cfg.train_cfg.val_interval = iterations
+    cfg.default_hooks.checkpoint.interval = iterations
+    cfg.default_hooks.checkpoint.save_optimizer = False
+    cfg.default_hooks.checkpoint.max_keep_ckpts = 1
+    return cfg
+
+
+def _rescale_schedule(cfg: Config, max_iters: int) -> None:
+    """Sets ``max_iters`` and stretches the iteration-based LR schedule to
+    it (warm-up and decay keep their share of the run)."""
+    ratio = max_iters / cfg.train_cfg.max_iters
+    cfg.train_cfg.max_iters = max_iters
+    for scheduler in cfg.param_scheduler:
+        begin = min(round(scheduler.get('begin', 0) * ratio), max_iters - 1)
+        end = round(scheduler.get('end', max_iters) * ratio)
+        scheduler.begin = begin
+        scheduler.end = max(end, begin + 1)
+
+
+def _replace_prefix(node, old: str, new: str):
+    """Rewrites, in place, every string under ``node`` starting with
+    ``old``."""
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, value in list(items):
+        if isinstance(value, str) and value.startswith(old):
+            node[key] = new + value[len(old) :]
+        elif isinstance(value, (dict, list)):
+            _replace_prefix(value, old, new)
+
+
+class ProgressHook(Hook):
+    """A one-line progress bar with the smoothed loss and the time left.
+
+    On a terminal the line is redrawn in place; otherwise (a log file, CI)
+    a line is printed every 10 % so that the output stays short.
+
+    Args:
+        total (int): Training iterations.
+        enabled (bool): Print anything at all. Defaults to True.
+    """
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.loss = None
+        self.start = None
+        self.tty = sys.stdout.isatty()
+        self.printed = -1
+        self.metrics: dict = {}
+
+    def before_train(self, runner) -> None:
+        self.start = time.perf_counter()
+
+    def before_val(self, runner) -> None:
+        if self.enabled:
+            print('[3/4] COCO evaluation on the validation split', flush=True)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self.metrics = dict(metrics or {})
+
+    def after_train_iter(
+        self, runner, batch_idx, data_batch=None, outputs=None
+    ) -> None:
+        if not self.enabled:
+            return
+        if outputs and 'loss' in outputs:
+            value = float(outputs['loss'])
+            self.loss = (
+                value if self.loss is None else (0.9 * self.loss + 0.1 * value)
+            )
+        done = runner.iter + 1
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / done * (self.total - done)
+        width = 30
+        filled = round(width * done / self.total)
+        line = (
+            f'  [{"#" * filled}{"." * (width - filled)}] {done}/{self.total}'
+            f'  loss {self.loss:.3f}  elapsed {_clock(elapsed)}'
+            f'  left {_clock(left)}'
+        )
+        if self.tty:
+            end = '\n' if done == self.total else ''
+            print('\r' + line, end=end, flush=True)
+        else:
+            decile = 10 * done // self.total
+            if decile > self.printed:
+                self.printed = decile
+                print(line, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f'{minutes}:{seconds:02d}'
+
+
+def _quiet_console(logger: logging.Logger) -> None:
+    """Keeps MMEngine's INFO records in the log file, off the console."""
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
+
+
+def _number(value):
+    return value.item() if hasattr(value, 'item') else value
+
+
+def scalars_file(runner) -> str:
+    """Path of the ``scalars.json`` that ``LocalVisBackend`` writes."""
+    return osp.join(runner.log_dir, 'vis_data', 'scalars.json')
+
+
+def read_scalars(path: str) -> list[dict]:
+    """Reads the training records (those with a loss) of ``scalars.json``."""
+    records = []
+    with open(path) as file:
+        for line in file:
+            record = json.loads(line)
+            if 'loss' in record:
+                records.append(record)
+    return records
+
+
+def plot_losses(scalars: str, out_file: str) -> str:
+    """Plots the total loss and its parts against the iteration.
+
+    Args:
+        scalars (str): A ``scalars.json`` written during training.
+        out_file (str): The PNG to write.
+
+    Returns:
+        str: ``out_file``.
+    """
+    import matplotlib
+
+    matplotlib.use('Agg')  # no display needed
+    import matplotlib.pyplot as plt
+
+    records = read_scalars(scalars)
+    steps = [r['iter'] for r in records]
+    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=120)
+    keys = sorted(k for k in records[0] if k.startswith('loss'))
+    for key in keys:
+        values = [r.get(key, np.nan) for r in records]
+        style = dict(linewidth=2.2) if key == 'loss' else dict(alpha=0.75)
+        axis.plot(steps, values, label=key, **style)
+    axis.set_xlabel('iteration')
+    axis.set_ylabel('loss (window mean)')
+    axis.set_yscale('log')
+    axis.set_title('ACmix-R26 Mask R-CNN on synthetic shapes (CPU)')
+    axis.grid(alpha=0.3, which='both')
+    axis.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
+    figure.savefig(out_file)
+    plt.close(figure)
+    return out_file
+
+
+def draw_predictions(
+    runner,
+    out_dir: str,
+    num_images: int,
+    scale: int = 3,
+    score_thr: float = 0.5,
+) -> list[str]:
+    """Draws ground truth and predictions of the first validation images.
+
+    Each PNG shows the image enlarged ``scale`` times, ground truth on the
+    left and the predicted boxes, classes, scores and masks on the right
+    (mmdet's ``DetLocalVisualizer``).
+
+    Args:
+        runner (Runner): A runner whose model is trained.
+        out_dir (str): Folder of the PNGs.
+        num_images (int): How many images.
+        scale (int): Enlargement, so that labels stay legible. Defaults
+            to 3.
+        score_thr (float): Lowest score drawn. Defaults to 0.5.
+
+    Returns:
+        list[str]: The PNG paths.
+    """
+    import cv2
+    from mmdet.structures.mask import BitmapMasks
+
+    os.makedirs(out_dir, exist_ok=True)
+    dataset = runner.test_dataloader.dataset
+    visualizer = runner.visualizer
+    visualizer.dataset_meta = dataset.metainfo
+    model = runner.model
+    model.eval()
+    paths = []
+    collate = runner.test_dataloader.collate_fn
+    for index in range(min(num_images, len(dataset))):
+        batch = collate([dataset[index]])
+        with torch.no_grad():
+            [sample] = model.test_step(batch)
+        image = cv2.imread(sample.img_path)[..., ::-1]
+        height, width = image.shape[:2]
+        image = cv2.resize(
+            image, (width * scale, height * scale), cv2.INTER_NEAREST
+        )
+        pred = sample.pred_instances
+        pred = pred[pred.scores >= score_thr]
+        pred.bboxes = pred.bboxes * scale
+        pred.masks = _upscale_masks(pred.masks, scale)
+        sample.pred_instances = pred
+        gt = sample.gt_instances
+        boxes = gt.bboxes
+        gt.bboxes = getattr(boxes, 'tensor', boxes) * scale
+        gt.masks = BitmapMasks(gt.masks.to_ndarray(), height, width).rescale(
+            scale, 'nearest'
+        )
+        name = osp.splitext(osp.basename(sample.img_path))[0]
+        path = osp.join(out_dir, f'{name}.png')
+        visualizer.add_datasample(
+            osp.basename(path),
+            image,
+            sample,
+            draw_gt=True,
+            draw_pred=True,
+            pred_score_thr=score_thr,
+            out_file=path,
+        )
+        paths.append(path)
+    return paths
+
+
+def _upscale_masks(masks: torch.Tensor, scale: int) -> torch.Tensor:
+    if len(masks) == 0:
+        height, width = masks.shape[-2:]
+        return masks.new_zeros((0, height * scale, width * scale))
+    return (
+        masks.float()[:, None]
+        .repeat_interleave(scale, 2)
+        .repeat_interleave(scale, 3)[:, 0]
+        .bool()
+    )

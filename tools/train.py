@@ -1,0 +1,62 @@
+"""Train an mmdet or mmseg model (OpenMMLab's train.py command line).
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+        [--cfg-options KEY=VALUE ...] [--launcher {none,pytorch,slurm}]
+
+The config's default_scope (mmdet or mmseg) decides which codebase is used.
+For several processes use tools/dist_train.sh or tools/slurm_train.sh.
+"""
+
+import argparse
+
+from mmengine.runner import Runner
+
+from mmacmix.apis import train
+from mmacmix.apis.dist import LAUNCHERS
+from mmacmix.apis.runner import DictAction
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('config', help='config file')
+    parser.add_argument(
+        '--work-dir',
+        help='where logs and checkpoints go (default: '
+        "the config's work_dir, else work_dirs/CONFIG_NAME)",
+    )
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        const='auto',
+        help='resume from CKPT, or, without a value, from the latest '
+        'checkpoint of the work folder',
+    )
+    parser.add_argument(
+        '--amp', action='store_true', help='mixed precision (needs a GPU)'
+    )
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config entries, e.g. train_cfg.max_iters=100',
+    )
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='none')
+    # torch.distributed.launch passes --local-rank; torchrun sets env vars.
+    parser.add_argument('--local-rank', '--local_rank', type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Runner:
+    args = parse_args(argv)
+    return train(
+        args.config,
+        work_dir=args.work_dir,
+        resume=args.resume or False,
+        amp=args.amp,
+        cfg_options=args.cfg_options,
+        launcher=args.launcher,
+    )
+
+
+if __name__ == '__main__':
+    main()
