@@ -358,3 +358,71 @@ def test_get_flops_counts_local_attention():
     gflops = float(lines['FLOPs'].split()[0])
     # Conv FLOPs scale with the pixel count: 2.23 G at 224x224.
     assert abs(gflops - 2.23 * (64 / 224) ** 2) < 0.03
+
+
+@pytest.mark.parametrize(
+    'script, args, expected',
+    [
+        (
+            'dist_train.sh',
+            ['cfg.py', '2', '--resume'],
+            '-m torch.distributed.run --nnodes=3 --node_rank=1 '
+            '--master_addr=10.0.0.1 --master_port=29999 --nproc_per_node=2 '
+            '{tools}/train.py cfg.py --launcher pytorch --resume',
+        ),
+        (
+            'dist_test.sh',
+            ['cfg.py', 'ckpt.pth', '4'],
+            '-m torch.distributed.run --nnodes=3 --node_rank=1 '
+            '--master_addr=10.0.0.1 --master_port=29999 --nproc_per_node=4 '
+            '{tools}/test.py cfg.py ckpt.pth --launcher pytorch',
+        ),
+        (
+            'slurm_train.sh',
+            ['part', 'job', 'cfg.py', 'work', '--amp'],
+            'srun -p part --job-name=job --gres=gpu:2 --ntasks=4 '
+            '--ntasks-per-node=2 --cpus-per-task=3 --kill-on-bad-exit=1 '
+            '--quotatype=auto python -u {tools}/train.py cfg.py '
+            '--work-dir work --launcher slurm --amp',
+        ),
+        (
+            'slurm_test.sh',
+            ['part', 'job', 'cfg.py', 'ckpt.pth'],
+            'srun -p part --job-name=job --gres=gpu:2 --ntasks=4 '
+            '--ntasks-per-node=2 --cpus-per-task=3 --kill-on-bad-exit=1 '
+            '--quotatype=auto python -u {tools}/test.py cfg.py ckpt.pth '
+            '--launcher slurm',
+        ),
+    ],
+)
+def test_launch_scripts_build_the_command(script, args, expected, tmp_path):
+    # Stand-ins for python and srun that print what they were given.
+    for name in ('srun', 'fake-python'):
+        stub = tmp_path / name
+        stub.write_text(f'#!/bin/sh\necho {name} "$@"\n')
+        stub.chmod(0o755)
+    env = dict(
+        os.environ,
+        PATH=f'{tmp_path}:{os.environ["PATH"]}',
+        NNODES='3',
+        NODE_RANK='1',
+        MASTER_ADDR='10.0.0.1',
+        PORT='29999',
+        GPUS='4',
+        GPUS_PER_NODE='2',
+        CPUS_PER_TASK='3',
+        SRUN_ARGS='--quotatype=auto',
+    )
+    if script.startswith('dist'):
+        env['PYTHON'] = 'fake-python'
+    result = subprocess.run(
+        ['bash', str(REPO / 'tools' / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    prefix = 'fake-python ' if script.startswith('dist') else ''
+    tools = REPO / 'tools'
+    assert result.stdout.strip() == prefix + expected.format(tools=tools)

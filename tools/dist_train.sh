@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Train with several processes on one or more machines (torchrun).
+#
+#   tools/dist_train.sh CONFIG NPROC [tools/train.py options...]
+#
+# NPROC processes per machine (GPUs, or CPU processes on a CPU-only torch,
+# which then use gloo). For several machines run the same command on each,
+# with the same MASTER_ADDR and PORT and NNODES, and NODE_RANK = 0..NNODES-1.
+set -euo pipefail
+if [ $# -lt 2 ]; then
+    echo "usage: $0 CONFIG NPROC [tools/train.py options...]" >&2
+    exit 2
+fi
+config=$1
+nproc=$2
+shift 2
+here=$(cd "$(dirname "$0")" && pwd)
+exec "${PYTHON:-python}" -m torch.distributed.run \
+    --nnodes="${NNODES:-1}" \
+    --node_rank="${NODE_RANK:-0}" \
+    --master_addr="${MASTER_ADDR:-127.0.0.1}" \
+    --master_port="${PORT:-29500}" \
+    --nproc_per_node="$nproc" \
+    "$here/train.py" "$config" --launcher pytorch "$@"

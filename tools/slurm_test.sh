@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Evaluate a checkpoint on a Slurm cluster, one task per GPU.
+#
+#   tools/slurm_test.sh PARTITION JOB_NAME CONFIG CHECKPOINT
+#       [tools/test.py options...]
+#
+# Environment: GPUS (default 8), GPUS_PER_NODE (default 8), CPUS_PER_TASK
+# (default 5), SRUN_ARGS, as for tools/slurm_train.sh.
+set -euo pipefail
+if [ $# -lt 4 ]; then
+    echo "usage: $0 PARTITION JOB_NAME CONFIG CHECKPOINT [options...]" >&2
+    exit 2
+fi
+partition=$1
+job_name=$2
+config=$3
+checkpoint=$4
+shift 4
+gpus=${GPUS:-8}
+gpus_per_node=${GPUS_PER_NODE:-8}
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck disable=SC2086  # SRUN_ARGS holds several words on purpose
+exec srun -p "$partition" \
+    --job-name="$job_name" \
+    --gres=gpu:"$gpus_per_node" \
+    --ntasks="$gpus" \
+    --ntasks-per-node="$gpus_per_node" \
+    --cpus-per-task="${CPUS_PER_TASK:-5}" \
+    --kill-on-bad-exit=1 \
+    ${SRUN_ARGS:-} \
+    "${PYTHON:-python}" -u "$here/test.py" "$config" "$checkpoint" \
+    --launcher slurm "$@"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Train on a Slurm cluster, one task per GPU.
+#
+#   tools/slurm_train.sh PARTITION JOB_NAME CONFIG [WORK_DIR]
+#       [tools/train.py options...]
+#
+# Environment: GPUS (tasks in all, default 8), GPUS_PER_NODE (default 8),
+# CPUS_PER_TASK (default 5), SRUN_ARGS (more srun options, e.g. a quota).
+set -euo pipefail
+if [ $# -lt 3 ]; then
+    echo "usage: $0 PARTITION JOB_NAME CONFIG [WORK_DIR] [options...]" >&2
+    exit 2
+fi
+partition=$1
+job_name=$2
+config=$3
+shift 3
+work_dir=()
+if [ $# -gt 0 ] && [[ $1 != -* ]]; then
+    work_dir=(--work-dir "$1")
+    shift
+fi
+gpus=${GPUS:-8}
+gpus_per_node=${GPUS_PER_NODE:-8}
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck disable=SC2086  # SRUN_ARGS holds several words on purpose
+exec srun -p "$partition" \
+    --job-name="$job_name" \
+    --gres=gpu:"$gpus_per_node" \
+    --ntasks="$gpus" \
+    --ntasks-per-node="$gpus_per_node" \
+    --cpus-per-task="${CPUS_PER_TASK:-5}" \
+    --kill-on-bad-exit=1 \
+    ${SRUN_ARGS:-} \
+    "${PYTHON:-python}" -u "$here/train.py" "$config" "${work_dir[@]}" \
+    --launcher slurm "$@"
