@@ -3,6 +3,11 @@
 from .acmix import ACmix, ACmixBase
 from .acmix_resnet import ACmixResNet, convert_acmix_resnet
 from .acmix_swin import ACmixSwinTransformer, convert_acmix_swin
+from .xvolution import (
+    XVolution,
+    XVolutionResNet,
+    convert_resnet_to_xvolution,
+)
 
 __all__ = [
     'ACmix',
@@ -11,4 +16,7 @@ __all__ = [
     'ACmixSwinTransformer',
     'convert_acmix_resnet',
     'convert_acmix_swin',
+    'XVolution',
+    'XVolutionResNet',
+    'convert_resnet_to_xvolution',
 ]

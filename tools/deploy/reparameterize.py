@@ -1,0 +1,202 @@
+"""Re-parameterise a trained X-volution model into its deployed form.
+
+Usage: python tools/deploy/reparameterize.py CONFIG CHECKPOINT OUT [--force]
+[--cfg-options KEY=VALUE ...]. Builds the model of CONFIG, loads CHECKPOINT
+(strictly), turns every X-volution into its single-operator form (branch
+norms folded, branches merged), checks that the backbone's outputs did not
+change, and writes OUT atomically. It prints the ``--cfg-options`` under which
+CONFIG loads OUT (e.g. ``model.backbone.deploy=True``), after checking that
+they do.
+"""
+
+import argparse
+import os
+import os.path as osp
+import tempfile
+from collections.abc import Mapping
+
+import torch
+from mmengine.config import Config, DictAction
+from mmengine.registry import MODELS, init_default_scope
+from torch import nn
+
+from mmacmix.models.utils import describe_keys
+from mmacmix.models.xvolution import XVolution, XVolutionResNet
+
+# Types whose config takes ``deploy=True`` to build the deployed form.
+DEPLOYABLE = ('XVolution', 'XVolutionResNet')
+# Relative change of the backbone's outputs tolerated by the check.
+TOLERANCE = 1e-4
+
+
+def deploy_options(cfg: Mapping, prefix: str = 'model') -> list[str]:
+    """Finds the config dicts of X-volution ops and backbones.
+
+    Args:
+        cfg (Mapping): A model config (nested dicts).
+        prefix (str): The dotted path of ``cfg``. Defaults to ``'model'``.
+
+    Returns:
+        list[str]: ``--cfg-options`` entries, e.g.
+        ``['model.backbone.deploy=True']``; none inside an already deployable
+        one (a backbone's ``deploy`` covers its ops).
+    """
+    kind = cfg.get('type')
+    if isinstance(kind, str) and kind.rpartition('.')[2] in DEPLOYABLE:
+        return [f'{prefix}.deploy=True']
+    options = []
+    for key, value in cfg.items():
+        if isinstance(value, Mapping):
+            options += deploy_options(value, f'{prefix}.{key}')
+    return options
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """Builds ``cfg.model`` in the config's default scope."""
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    return MODELS.build(cfg.model)
+
+
+def load_strictly(model: nn.Module, checkpoint: Mapping) -> None:
+    """Loads a state dict, naming every missing or unexpected key."""
+    result = model.load_state_dict(checkpoint, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise KeyError(
+            f'the checkpoint does not fit the model: missing keys '
+            f'{describe_keys(sorted(result.missing_keys))}; unexpected keys '
+            f'{describe_keys(sorted(result.unexpected_keys))}'
+        )
+
+
+@torch.no_grad()
+def probe(model: nn.Module, channels: int = 3) -> list[torch.Tensor]:
+    """Runs the backbone (or the model) on a fixed random image batch."""
+    net = getattr(model, 'backbone', model)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(1, channels, 64, 64, generator=generator)
+    outs = net.eval()(images)
+    return list(outs) if isinstance(outs, (tuple, list)) else [outs]
+
+
+def save_atomically(payload: dict, path: str, force: bool) -> None:
+    """Writes ``payload`` under a temporary name and renames it to ``path``."""
+    if osp.exists(path) and not force:
+        raise FileExistsError(
+            f'{path!r} already exists; pass --force to overwrite it'
+        )
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(
+        dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp'
+    )
+    try:
+        with os.fdopen(handle, 'wb') as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def reparameterize(
+    config: str,
+    checkpoint: str,
+    out: str,
+    cfg_options: dict | None = None,
+    force: bool = False,
+) -> list[str]:
+    """Writes the deployed form of a trained model; see the module doc.
+
+    Returns:
+        list[str]: The ``--cfg-options`` entries that load ``out``.
+
+    Raises:
+        ValueError: If the model has no X-volution or the outputs changed.
+        KeyError: If the checkpoint does not fit the config's model.
+    """
+    if osp.exists(out) and not force:
+        raise FileExistsError(
+            f'{out!r} already exists; pass --force to overwrite it'
+        )
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    options = deploy_options(cfg.model)
+    if not options:
+        raise ValueError(
+            f'{config} has no X-volution: no config dict of type '
+            f'{" or ".join(DEPLOYABLE)} under model'
+        )
+    model = build_model(cfg)
+    source = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    state_dict = source.get('state_dict', source)
+    load_strictly(model, state_dict)
+    model.eval()
+    before = probe(model)
+    # Backbones first (they also keep frozen stages frozen), then ops put
+    # into other backbones through build_conv_layer; both are idempotent.
+    targets = [
+        m
+        for m in model.modules()
+        if isinstance(m, (XVolutionResNet, XVolution))
+    ]
+    for module in targets:
+        module.switch_to_deploy()
+    after = probe(model)
+    for old, new in zip(before, after, strict=True):
+        change = (old - new).abs().max() / old.abs().max().clamp_min(1e-12)
+        if change > TOLERANCE:
+            raise ValueError(
+                f'the deployed backbone changed its outputs by {change:.2e} '
+                '(relative); not written'
+            )
+
+    deployed = model.state_dict()
+    # The printed options must build a model that takes the file as is.
+    for option in options:
+        cfg.merge_from_dict({option.split('=')[0]: True})
+    load_strictly(build_model(cfg), deployed)
+    meta = dict(source.get('meta') or {}) if 'state_dict' in source else {}
+    meta.update(deploy=True, cfg_options=options, source=checkpoint)
+    save_atomically(dict(meta=meta, state_dict=deployed), out, force)
+    return options
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=' '.join(__doc__.split('\n\n')[1].split())
+    )
+    parser.add_argument('config', help='config of the trained model')
+    parser.add_argument('checkpoint', help='trained checkpoint to read')
+    parser.add_argument('out', help='deployed checkpoint to write')
+    parser.add_argument(
+        '--force', action='store_true', help='overwrite OUT if it exists'
+    )
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of CONFIG, as for mmdet/mmseg tools',
+    )
+    args = parser.parse_args(argv)
+    try:
+        options = reparameterize(
+            args.config,
+            args.checkpoint,
+            args.out,
+            args.cfg_options,
+            args.force,
+        )
+    except (OSError, KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) else error
+        parser.exit(1, f'error: {message}\n')
+    print(
+        f'wrote {args.out}; load it with {args.config} --cfg-options '
+        f'{" ".join(options)}'
+    )
+
+
+if __name__ == '__main__':
+    main()
