@@ -426,3 +426,35 @@ def test_launch_scripts_build_the_command(script, args, expected, tmp_path):
     prefix = 'fake-python ' if script.startswith('dist') else ''
     tools = REPO / 'tools'
     assert result.stdout.strip() == prefix + expected.format(tools=tools)
+
+
+def test_flop_handles_count_attention_multiply_adds():
+    import runpy
+
+    tool = runpy.run_path(str(REPO / 'tools' / 'analysis' / 'get_flops.py'))
+    from mmacmix.ops import local_attention
+
+    class Local(torch.nn.Module):
+        attn_kernel_size = 3
+
+        def forward(self, x):
+            q = x[..., ::2, ::2].contiguous()
+            return local_attention(q, x, x, 3, stride=2)
+
+    class Fused(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    x = torch.randn(2, 4, 6, 10)
+    # Each of 2 * 3 * 5 output pixels: 9 dot products and a 9-term sum of
+    # 4-vectors.
+    counted = tool['analyse'](Local(), (x,))
+    assert counted['flops'] == 2 * 2 * 4 * 3 * 5 * 9
+    assert not counted['uncounted']
+    q, k, v = (
+        torch.randn(2, 3, 5, 8),
+        torch.randn(2, 3, 7, 8),
+        torch.randn(2, 3, 7, 6),
+    )
+    counted = tool['analyse'](Fused(), (q, k, v))
+    assert counted['flops'] == 2 * 3 * 5 * 7 * (8 + 6)

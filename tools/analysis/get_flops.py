@@ -9,7 +9,9 @@ fused multiply-add is one FLOP (MMEngine, fvcore and the ACmix paper's
 tables alike). The ACmix local attention runs in a custom autograd function
 that tracing cannot see into; it is counted by the handle below as
 2 * B * C * Ho * Wo * k^2 (logits q.k and the weighted sum of v over the
-k x k window); its softmax, like every elementwise op, is not counted.
+k x k window); PyTorch's fused scaled_dot_product_attention (ACmix-Swin's
+window attention) as q @ k^T plus weights @ v. Softmax, like every
+elementwise op, is not counted.
 Operators still without a handle are listed, never silently dropped.
 """
 
@@ -53,6 +55,18 @@ def local_attention_handle(kernel_size: int):
     return count
 
 
+def sdpa_flops(inputs: list, outputs: list) -> int:
+    """FLOPs of ``scaled_dot_product_attention(q, k, v)``: ``q @ k^T`` and
+    the product of the weights with ``v``, ``(..., L, S)`` each."""
+    query, key, value = (get_shape(x) for x in inputs[:3])
+    *batch, length, channels = query
+    sources = key[-2]
+    count = length * sources * (channels + value[-1])
+    for size in batch:
+        count *= size
+    return count
+
+
 def attention_kernel_size(model: nn.Module) -> int | None:
     """The one local-attention window size used in ``model`` (or None).
 
@@ -86,6 +100,8 @@ def analyse(model: nn.Module, inputs: tuple) -> dict:
     if kernel_size is not None:
         for name in LOCAL_ATTENTION_OPS:
             analyzer.set_op_handle(name, local_attention_handle(kernel_size))
+    # MMEngine 0.10.7 has no handle for PyTorch's fused attention.
+    analyzer.set_op_handle('aten::scaled_dot_product_attention', sdpa_flops)
     analyzer.set_op_handle(**{name: None for name in FREE_OPS})
     analyzer.unsupported_ops_warnings(False)
     analyzer.uncalled_modules_warnings(False)
