@@ -24,6 +24,7 @@ leaves nothing behind.
 
 import ast
 import json
+import logging
 import os
 import os.path as osp
 import tempfile
@@ -165,6 +166,7 @@ def build_backbone(cfg: Mapping, checkpoint: str | None = None) -> nn.Module:
         nn.Module: The backbone in eval mode, SyncBN replaced by BN and
         re-parameterisable ops (X-volution) in their deployed form.
     """
+    from mmengine.logging import MMLogger
     from mmengine.model import revert_sync_batchnorm
 
     import mmacmix.models  # noqa: F401  (registers the backbones)
@@ -182,7 +184,14 @@ def build_backbone(cfg: Mapping, checkpoint: str | None = None) -> nn.Module:
             cfg['deploy'] = True
     model = MODELS.build(cfg)
     if state_dict is None:
-        model.init_weights()
+        # MMEngine logs every parameter's initialisation at INFO level.
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        logger.setLevel(logging.WARNING)
+        try:
+            model.init_weights()
+        finally:
+            logger.setLevel(level)
     else:
         prefix = 'backbone.'
         if not any(key.startswith(prefix) for key in state_dict):
@@ -299,6 +308,10 @@ def export_onnx(
             )
         _add_metadata(tmp_path, model, least)
         diffs = verify_onnx(tmp_path, model, verify_sizes, atol)
+        # mkstemp made the file private; give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     except BaseException:
         os.unlink(tmp_path)
@@ -343,6 +356,8 @@ def verify_onnx(
     Raises:
         ValueError: If shapes differ or a difference exceeds ``atol``.
     """
+    if not sizes:
+        return {}
     import onnxruntime
 
     session = onnxruntime.InferenceSession(
