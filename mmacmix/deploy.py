@@ -230,10 +230,12 @@ def export_onnx(
 ) -> dict[tuple[int, int], float]:
     """Exports a backbone with dynamic batch, height and width.
 
-    The graph has one input ``input`` (``(N, C, H, W)``) and one output per
-    returned stage, ``out0``, ``out1``... It is written to a temporary file
-    beside ``path``, checked with onnxruntime against PyTorch at every size
-    of ``verify_sizes`` (batch 2), and only then renamed to ``path``.
+    The model is put in eval mode and, if it has ``switch_to_deploy``
+    (X-volution), into its deployed form, in place. The graph has one input
+    ``input`` (``(N, C, H, W)``) and one output per returned stage,
+    ``out0``, ``out1``... It is written to a temporary file beside
+    ``path``, checked with onnxruntime against PyTorch at every size of
+    ``verify_sizes`` (batch 2), and only then renamed to ``path``.
 
     Args:
         model (nn.Module): A backbone from :func:`build_backbone`.
@@ -280,6 +282,10 @@ def export_onnx(
             )
     channels = getattr(model, 'in_channels', 3)
     model = model.eval()
+    if hasattr(model, 'switch_to_deploy'):
+        # X-volution's training form is two branches and two norms; what
+        # is deployed (and traced to a size-independent graph) is one op.
+        model.switch_to_deploy()
     sample = torch.randn(1, channels, *sample_size)
     with torch.no_grad():
         num_outputs = len(_as_tuple(model(sample)))
@@ -371,7 +377,12 @@ def verify_onnx(
         images = torch.randn(batch, channels, *size, generator=generator)
         with torch.no_grad():
             expected = _as_tuple(model(images))
-        got = session.run(None, {'input': images.numpy()})
+        try:
+            got = session.run(None, {'input': images.numpy()})
+        except Exception as error:  # onnxruntime's own exception types
+            raise ValueError(
+                f'the ONNX graph fails at input {size}: {error}'
+            ) from error
         worst = 0.0
         for index, (ours, theirs) in enumerate(zip(got, expected)):
             if tuple(ours.shape) != tuple(theirs.shape):

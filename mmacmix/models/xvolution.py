@@ -114,25 +114,27 @@ def xvolution(
     out = F.conv2d(
         x, weight, bias, stride=stride, padding=dilation, dilation=dilation
     )
-    out_h, out_w = out.shape[-2:]
     padded = F.pad(x, (dilation,) * 4)
     centre = x[:, :, ::stride, ::stride]
-    # One product map and one matrix product per tap, accumulated in place:
-    # only one product map is alive at a time (the training form keeps all
-    # nine for its backward pass).
-    out = out.flatten(2)
+    # One product map and one 1x1 convolution per tap, accumulated in
+    # place: only one product map is alive at a time (the training form
+    # keeps all nine for its backward pass). Traced for ONNX, sizes computed
+    # from the output's shape (slice ends, flatten / unflatten) were fixed
+    # at the traced input's; slices that end at a constant distance from
+    # the padded map's end (``top + H``, ceil(H / stride) rows) are not.
+    span = 2 * dilation
     for dy, dx in TAPS:
         top = dilation * (1 + dy)
         left = dilation * (1 + dx)
         shifted = padded[
             :,
             :,
-            top : top + (out_h - 1) * stride + 1 : stride,
-            left : left + (out_w - 1) * stride + 1 : stride,
+            top : top - span or None : stride,
+            left : left - span or None : stride,
         ]
-        tap_weight = dynamic_weight[:, :, 1 + dy, 1 + dx]
-        out.add_(tap_weight @ (centre * shifted).flatten(2))
-    return out.unflatten(2, (out_h, out_w))
+        tap_weight = dynamic_weight[:, :, 1 + dy, 1 + dx, None, None]
+        out.add_(F.conv2d(centre * shifted, tap_weight))
+    return out
 
 
 def fuse_bn(
