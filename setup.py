@@ -1,6 +1,7 @@
 """Packaging for mmacmix; pinned versions for a CPU setup live in
 requirements/constraints.txt."""
 
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -12,6 +13,36 @@ def read_version() -> str:
     scope: dict = {}
     exec(text.read_text(), scope)
     return scope['__version__']
+
+
+def extensions() -> dict:
+    """The compiled CPU kernels, built only when torch is importable.
+
+    Without them (no torch at build time, no compiler, a failed build) the
+    package still works, on a much slower PyTorch fallback.
+    """
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print('mmacmix: torch is not importable; skipping the compiled ops')
+        return {}
+    if sys.platform == 'win32':
+        compile_args, link_args = ['/O2', '/openmp'], []
+    elif sys.platform == 'darwin':  # Apple clang has no -fopenmp
+        compile_args, link_args = ['-O3'], []
+    else:
+        compile_args, link_args = ['-O3', '-fopenmp'], ['-fopenmp']
+    extension = CppExtension(
+        'mmacmix.ops._ext',
+        ['mmacmix/ops/csrc/local_attention.cpp'],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        # A failed build is reported and skipped, not fatal.
+        optional=True,
+    )
+    # Without ninja, compiler errors are the ones `optional` catches.
+    build = BuildExtension.with_options(use_ninja=False)
+    return {'ext_modules': [extension], 'cmdclass': {'build_ext': build}}
 
 
 setup(
@@ -52,4 +83,5 @@ setup(
         'License :: OSI Approved :: Apache Software License',
         'Topic :: Scientific/Engineering :: Artificial Intelligence',
     ],
+    **extensions(),
 )
