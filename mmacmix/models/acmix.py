@@ -132,11 +132,20 @@ def position_grid(height: int, width: int, like: Tensor) -> Tensor:
         width (int): Columns of the grid.
         like (Tensor): Tensor whose dtype and device the grid takes.
     """
-    kwargs = dict(dtype=like.dtype, device=like.device)
-    xs = torch.linspace(-1.0, 1.0, width, **kwargs)
-    ys = torch.linspace(-1.0, 1.0, height, **kwargs)
+    xs, ys = _unit_span(width, like), _unit_span(height, like)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing='ij')
     return torch.stack([grid_x, grid_y]).unsqueeze(0)
+
+
+def _unit_span(size: int, like: Tensor) -> Tensor:
+    """``torch.linspace(-1, 1, size)``, also when traced for ONNX.
+
+    ONNX exporters write linspace with a step ``2 / (size - 1)``, which is
+    NaN for a one-pixel map; here the divisor is clamped to 1 (the single
+    point is -1, as linspace gives) without a Python branch on the size.
+    """
+    steps = torch.arange(size, dtype=like.dtype, device=like.device)
+    return steps * (2.0 / steps[-1:].clamp(min=1.0)) - 1.0
 
 
 @MODELS.register_module()
