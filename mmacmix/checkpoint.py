@@ -84,29 +84,31 @@ def write_backbone_checkpoint(
 ) -> None:
     """Writes ``{'state_dict': {'backbone.' + key: value}}`` atomically.
 
-    The file is written beside ``path`` under a temporary name and renamed
-    over it, so an interrupted run never leaves a partial checkpoint.
-
     Args:
         state_dict (Mapping[str, Tensor]): Backbone weights, without prefix.
         path (str): Destination file.
         force (bool): Overwrite an existing ``path``. Defaults to False.
-
-    Raises:
-        FileExistsError: If ``path`` exists and ``force`` is False.
     """
-    if osp.exists(path) and not force:
-        raise FileExistsError(
-            f'{path!r} already exists; pass --force to overwrite it'
-        )
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     payload = {
         'state_dict': {
             f'backbone.{key}': value.detach().clone()
             for key, value in state_dict.items()
         }
     }
+    save_atomically(payload, path, force=force)
+
+
+def save_atomically(payload: object, path: str, force: bool = False) -> None:
+    """``torch.save`` under a temporary name beside ``path``, then rename.
+
+    An interrupted run never leaves a partial file at ``path``.
+
+    Raises:
+        FileExistsError: If ``path`` exists and ``force`` is False.
+    """
+    refuse_existing(path, force)
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     handle, tmp_path = tempfile.mkstemp(
         dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp'
     )
@@ -121,15 +123,33 @@ def write_backbone_checkpoint(
         raise
 
 
+def refuse_existing(path: str, force: bool) -> None:
+    """Raises ``FileExistsError`` if ``path`` exists, unless ``force``."""
+    if osp.exists(path) and not force:
+        raise FileExistsError(
+            f'{path!r} already exists; pass --force to overwrite it'
+        )
+
+
 def convert_cli(
-    convert: Callable[[Mapping], Mapping[str, Tensor]],
+    convert: Callable[..., Mapping[str, Tensor]],
     description: str,
     argv: list[str] | None = None,
+    extra_arguments: dict[str, dict] | None = None,
 ) -> None:
     """Runs a converter as ``SRC DST [--force]``: the body of every CLI.
 
     Errors are printed as one line and exit with status 1; nothing is
     written unless the conversion succeeded.
+
+    Args:
+        convert (callable): ``convert(checkpoint, **options)`` returns the
+            backbone state dict.
+        description (str): The CLI's help text.
+        argv (list[str], optional): Arguments; defaults to ``sys.argv``.
+        extra_arguments (dict[str, dict], optional): Options of the
+            converter, ``{'--depth': dict(type=int, ...)}``; their values go
+            to ``convert`` as keyword arguments.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('src', help='official checkpoint to read')
@@ -137,13 +157,16 @@ def convert_cli(
     parser.add_argument(
         '--force', action='store_true', help='overwrite DST if it exists'
     )
+    options = []
+    for flag, kwargs in (extra_arguments or {}).items():
+        options.append(parser.add_argument(flag, **kwargs).dest)
     args = parser.parse_args(argv)
     try:
-        if osp.exists(args.dst) and not args.force:
-            raise FileExistsError(
-                f'{args.dst!r} already exists; pass --force to overwrite it'
-            )
-        state_dict = convert(read_checkpoint(args.src))
+        refuse_existing(args.dst, args.force)
+        state_dict = convert(
+            read_checkpoint(args.src),
+            **{name: getattr(args, name) for name in options},
+        )
         write_backbone_checkpoint(state_dict, args.dst, force=args.force)
     except (OSError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) else error

@@ -1,7 +1,7 @@
 """Helpers shared by the backbones: strict pretrained loading."""
 
 import os.path as osp
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
@@ -71,12 +71,24 @@ def load_pretrained(
             raise KeyError(
                 f'no key of {checkpoint} starts with the prefix {prefix!r}'
             )
-    # Loading non-strictly and checking the result (rather than comparing
-    # key sets first) lets load-state-dict pre-hooks of the model adapt keys.
+    load_state_dict_strictly(module, state_dict, checkpoint)
+
+
+def load_state_dict_strictly(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """``load_state_dict`` that names every missing and unexpected key.
+
+    Loading non-strictly and checking the result (rather than comparing key
+    sets first) lets load-state-dict pre-hooks of the model adapt keys.
+
+    Raises:
+        KeyError: If keys are missing or unexpected.
+    """
     result = module.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise KeyError(
-            f'{checkpoint} does not fit {type(module).__name__}: missing '
+            f'{source} does not fit {type(module).__name__}: missing '
             f'keys {describe_keys(sorted(result.missing_keys))}, unexpected '
             f'keys {describe_keys(sorted(result.unexpected_keys))}. '
             'Official checkpoints must be converted first '

@@ -10,9 +10,6 @@ they do.
 """
 
 import argparse
-import os
-import os.path as osp
-import tempfile
 from collections.abc import Mapping
 
 import torch
@@ -20,7 +17,8 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
-from mmacmix.models.utils import describe_keys
+from mmacmix.checkpoint import refuse_existing, save_atomically
+from mmacmix.models.utils import load_state_dict_strictly
 from mmacmix.models.xvolution import XVolution, XVolutionResNet
 
 # Types whose config takes ``deploy=True`` to build the deployed form.
@@ -57,17 +55,6 @@ def build_model(cfg: Config) -> nn.Module:
     return MODELS.build(cfg.model)
 
 
-def load_strictly(model: nn.Module, checkpoint: Mapping) -> None:
-    """Loads a state dict, naming every missing or unexpected key."""
-    result = model.load_state_dict(checkpoint, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise KeyError(
-            f'the checkpoint does not fit the model: missing keys '
-            f'{describe_keys(sorted(result.missing_keys))}; unexpected keys '
-            f'{describe_keys(sorted(result.unexpected_keys))}'
-        )
-
-
 @torch.no_grad()
 def probe(model: nn.Module, channels: int = 3) -> list[torch.Tensor]:
     """Runs the backbone (or the model) on a fixed random image batch."""
@@ -76,28 +63,6 @@ def probe(model: nn.Module, channels: int = 3) -> list[torch.Tensor]:
     images = torch.randn(1, channels, 64, 64, generator=generator)
     outs = net.eval()(images)
     return list(outs) if isinstance(outs, (tuple, list)) else [outs]
-
-
-def save_atomically(payload: dict, path: str, force: bool) -> None:
-    """Writes ``payload`` under a temporary name and renames it to ``path``."""
-    if osp.exists(path) and not force:
-        raise FileExistsError(
-            f'{path!r} already exists; pass --force to overwrite it'
-        )
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(
-        dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp'
-    )
-    try:
-        with os.fdopen(handle, 'wb') as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
 
 
 def reparameterize(
@@ -116,10 +81,7 @@ def reparameterize(
         ValueError: If the model has no X-volution or the outputs changed.
         KeyError: If the checkpoint does not fit the config's model.
     """
-    if osp.exists(out) and not force:
-        raise FileExistsError(
-            f'{out!r} already exists; pass --force to overwrite it'
-        )
+    refuse_existing(out, force)
     cfg = Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
@@ -132,7 +94,7 @@ def reparameterize(
     model = build_model(cfg)
     source = torch.load(checkpoint, map_location='cpu', weights_only=False)
     state_dict = source.get('state_dict', source)
-    load_strictly(model, state_dict)
+    load_state_dict_strictly(model, state_dict, checkpoint)
     model.eval()
     before = probe(model)
     # Backbones first (they also keep frozen stages frozen), then ops put
@@ -157,7 +119,7 @@ def reparameterize(
     # The printed options must build a model that takes the file as is.
     for option in options:
         cfg.merge_from_dict({option.split('=')[0]: True})
-    load_strictly(build_model(cfg), deployed)
+    load_state_dict_strictly(build_model(cfg), deployed, out)
     meta = dict(source.get('meta') or {}) if 'state_dict' in source else {}
     meta.update(deploy=True, cfg_options=options, source=checkpoint)
     save_atomically(dict(meta=meta, state_dict=deployed), out, force)
