@@ -18,7 +18,42 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .utils import init_weights_strictly
 
 
-class BasicBlock(BaseModule):
+class ResidualBlock(BaseModule):
+    """What both blocks share: the shortcut and an optionally recomputed
+    residual branch.
+
+    Args:
+        downsample (nn.Module, optional): Projection of the shortcut.
+        with_cp (bool): Recompute the residual branch in backward to save
+            memory.
+    """
+
+    expansion = 1
+
+    def __init__(self, downsample: nn.Module | None, with_cp: bool) -> None:
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.with_cp = with_cp
+
+    @property
+    def last_norm(self) -> nn.Module:
+        """The norm that ends the residual branch (zeroed at init)."""
+        raise NotImplementedError
+
+    def residual(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.with_cp and x.requires_grad:
+            out = cp.checkpoint(self.residual, x, use_reentrant=False)
+        else:
+            out = self.residual(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class BasicBlock(ResidualBlock):
     """Two 3x3 convolutions with a residual connection (ResNet-18/34).
 
     Args:
@@ -31,8 +66,6 @@ class BasicBlock(BaseModule):
         with_cp (bool): Recompute the block in backward to save memory.
     """
 
-    expansion = 1
-
     def __init__(
         self,
         in_channels: int,
@@ -43,14 +76,11 @@ class BasicBlock(BaseModule):
         norm_cfg: dict,
         with_cp: bool,
     ) -> None:
-        super().__init__()
+        super().__init__(downsample, with_cp)
         self.conv1 = conv3x3(in_channels, planes, stride)
         self.bn1 = build_norm_layer(norm_cfg, planes)[1]
         self.conv2 = conv3x3(planes, planes, 1)
         self.bn2 = build_norm_layer(norm_cfg, planes)[1]
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.with_cp = with_cp
 
     @property
     def last_norm(self) -> nn.Module:
@@ -60,16 +90,8 @@ class BasicBlock(BaseModule):
         out = self.relu(self.bn1(self.conv1(x)))
         return self.bn2(self.conv2(out))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(self.residual, x, use_reentrant=False)
-        else:
-            out = self.residual(x)
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
 
-
-class Bottleneck(BasicBlock):
+class Bottleneck(ResidualBlock):
     """1x1, 3x3 (strided, pluggable), 1x1 with a residual (ResNet v1.5).
 
     Args: as :class:`BasicBlock`; the output has ``4 * planes`` channels.
@@ -87,7 +109,7 @@ class Bottleneck(BasicBlock):
         norm_cfg: dict,
         with_cp: bool,
     ) -> None:
-        BaseModule.__init__(self)
+        super().__init__(downsample, with_cp)
         out_channels = planes * self.expansion
         self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
         self.bn1 = build_norm_layer(norm_cfg, planes)[1]
@@ -95,9 +117,6 @@ class Bottleneck(BasicBlock):
         self.bn2 = build_norm_layer(norm_cfg, planes)[1]
         self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
         self.bn3 = build_norm_layer(norm_cfg, out_channels)[1]
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.with_cp = with_cp
 
     @property
     def last_norm(self) -> nn.Module:
