@@ -24,6 +24,8 @@ from torch import Tensor
 from mmacmix.ops import local_attention
 from mmacmix.registry import MODELS
 
+from .utils import square_argument
+
 SHIFT_KERNEL_SIZE = 3
 
 
@@ -199,12 +201,15 @@ class ACmix(ACmixBase):
         attn_kernel_size: int = 7,
         init_cfg: dict | None = None,
     ) -> None:
-        kernel_size = _single('kernel_size', kernel_size)
-        stride = _single('stride', stride)
+        kernel_size = square_argument('ACmix', 'kernel_size', kernel_size)
+        stride = square_argument('ACmix', 'stride', stride)
         unsupported = {
             'kernel_size': (kernel_size, SHIFT_KERNEL_SIZE),
-            'dilation': (_single('dilation', dilation), 1),
-            'padding': (_single('padding', padding), SHIFT_KERNEL_SIZE // 2),
+            'dilation': (square_argument('ACmix', 'dilation', dilation), 1),
+            'padding': (
+                square_argument('ACmix', 'padding', padding),
+                SHIFT_KERNEL_SIZE // 2,
+            ),
             'groups': (groups, 1),
             'bias': (bias, False),
         }
@@ -276,14 +281,3 @@ class ACmix(ACmixBase):
             f'stride={self.stride}, num_heads={self.num_heads}, '
             f'attn_kernel_size={self.attn_kernel_size}'
         )
-
-
-def _single(name: str, value: int | tuple[int, ...]) -> int:
-    """Returns ``value`` as an int, accepting a square pair like convs do."""
-    if isinstance(value, (tuple, list)):
-        if len(set(value)) != 1:
-            raise ValueError(
-                f'ACmix supports only square {name}, got {value!r}'
-            )
-        value = value[0]
-    return value

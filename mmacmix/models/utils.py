@@ -1,7 +1,7 @@
 """Helpers shared by the backbones: strict pretrained loading."""
 
 import os.path as osp
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
@@ -126,3 +126,18 @@ def describe_keys(keys: list[str], limit: int = 8) -> str:
     if len(keys) <= limit:
         return str(keys)
     return f'{keys[:limit]} and {len(keys) - limit} more'
+
+
+def square_argument(owner: str, name: str, value: int | Sequence[int]) -> int:
+    """Reads a conv argument given as an int or a square pair, like convs.
+
+    Raises:
+        ValueError: If ``value`` is a non-square pair (names ``owner``).
+    """
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) != 1:
+            raise ValueError(
+                f'{owner} supports only square {name}, got {name}={value!r}'
+            )
+        value = value[0]
+    return value

@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmacmix.registry import MODELS
 
 from .resnet import BasicBlock, Bottleneck, PluggableResNet
-from .utils import describe_keys
+from .utils import describe_keys, square_argument
 
 KERNEL_SIZE = 3
 # The PSSA taps, row-major over the 3x3 window: tap ``t`` reads the input
@@ -249,10 +249,10 @@ class XVolution(BaseModule):
         init_cfg: dict | None = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
-        kernel_size = _square('kernel_size', kernel_size)
-        stride = _square('stride', stride)
-        padding = _square('padding', padding)
-        dilation = _square('dilation', dilation)
+        kernel_size = square_argument('XVolution', 'kernel_size', kernel_size)
+        stride = square_argument('XVolution', 'stride', stride)
+        padding = square_argument('XVolution', 'padding', padding)
+        dilation = square_argument('XVolution', 'dilation', dilation)
         if kernel_size != KERNEL_SIZE:
             raise ValueError(
                 'XVolution supports only kernel_size=3, got '
@@ -405,17 +405,6 @@ class XVolution(BaseModule):
             f'stride={self.stride}, dilation={self.dilation}, '
             f'deploy={self.deploy}'
         )
-
-
-def _square(name: str, value: int | Sequence[int]) -> int:
-    """Returns ``value`` as an int, accepting a square pair as convs do."""
-    if isinstance(value, (tuple, list)):
-        if len(set(value)) != 1:
-            raise ValueError(
-                f'XVolution supports only square {name}, got {name}={value!r}'
-            )
-        value = value[0]
-    return value
 
 
 def _drop_norms_after_xvolutions(block: BasicBlock) -> None:
