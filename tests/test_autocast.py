@@ -14,10 +14,10 @@ few such roundings: ``OP_TOLERANCE`` = 2 % allows about ten (measured: 0.3
 to 0.5 %). Whole backbones chain 20 to 50 of them; batch norm in training
 mode divides by batch statistics of small maps and, in the backward pass,
 subtracts nearly equal terms, which amplifies the relative error of the
-gradients (plain ResNets measured 20 to 27 % here). So a ResNet backbone is
+gradients (plain ResNets measured 23 to 28 % here). So a ResNet backbone is
 held to a plain-convolution control built and run identically: its errors
 may be at most ``CONTROL_FACTOR`` = 2 times the control's (measured 1.0 to
-1.6x), and its feature maps must stay within 5 % (measured 0.5 to 3 %).
+1.35x), and its feature maps must stay within 5 % (measured 0.5 to 3 %).
 ACmix-Swin uses LayerNorm, which autocast keeps in float32 like the
 softmax, and stays within ``SWIN_TOLERANCE`` = 3 % everywhere (measured 0.3
 to 0.9 %), with a gradient pointing the same way (cosine similarity above
@@ -38,7 +38,7 @@ from mmacmix.models.acmix_swin import (
     ACmixWindowAttention,
     shifted_window_mask,
 )
-from mmacmix.models.resnet import BasicBlock, PluggableResNet
+from mmacmix.models.resnet import PluggableResNet
 from mmacmix.ops import local_attention
 
 xvolution = pytest.importorskip('mmacmix.models.xvolution')
@@ -204,7 +204,8 @@ def backbone_pair(family: str) -> tuple[nn.Module, nn.Module]:
         # ops under test get gradients): the scale of a trained ResNet's
         # branches, and it keeps a random 20-layer stack well conditioned.
         for block in net.modules():
-            if isinstance(block, BasicBlock):
+            # Any residual block (basic, bottleneck) names its last norm.
+            if isinstance(getattr(type(block), 'last_norm', None), property):
                 last = block.last_norm
                 if isinstance(last, xvolution.XVolution):
                     # Its branch norms end the block: scale both.

@@ -24,7 +24,6 @@ from torch import nn
 
 from mmacmix.models import ACmix, ACmixResNet
 from mmacmix.models.acmix_swin import ACmixSwinTransformer
-from mmacmix.models.resnet import BasicBlock
 
 xvolution = pytest.importorskip('mmacmix.models.xvolution')
 local_attention_module = importlib.import_module('mmacmix.ops.local_attention')
@@ -68,7 +67,8 @@ def randomised(model: nn.Module) -> nn.Module:
             nn.init.uniform_(module.weight, 0.5, 1.5)
             nn.init.uniform_(module.bias, -0.2, 0.2)
     for block in model.modules():
-        if isinstance(block, BasicBlock):
+        # Any residual block (basic, bottleneck) names its last norm.
+        if isinstance(getattr(type(block), 'last_norm', None), property):
             last = block.last_norm
             if isinstance(last, xvolution.XVolution):
                 last = [last.conv_bn, last.pssa_bn]  # its norms end the block
