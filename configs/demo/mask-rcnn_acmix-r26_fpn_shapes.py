@@ -13,7 +13,7 @@ data_root = 'data/shapes/'
 classes = ('circle', 'square', 'triangle', 'star')
 image_size = (128, 128)
 fpn_channels = 64
-max_iters = 900
+max_iters = 600
 val_interval = 300
 
 model = dict(
