@@ -13,6 +13,8 @@ validation split, and writes into ``out_dir``:
 * ``train/``: the Runner's work folder (log, config, final checkpoint).
 """
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -110,7 +112,10 @@ def run_demo(
         f'[2/4] training ACmix Mask R-CNN for {iterations} iterations '
         f'(batch {cfg.train_dataloader.batch_size}) on the CPU'
     )
-    runner = build_runner(cfg)
+    # MMEngine prints its environment, config and every log line at INFO;
+    # they go to the log file, the console gets the progress bar.
+    with contextlib.redirect_stdout(io.StringIO()):
+        runner = build_runner(cfg)
     _quiet_console(runner.logger)
     progress_hook = ProgressHook(iterations, enabled=progress)
     runner.register_hook(progress_hook, 'LOW')
@@ -248,7 +253,7 @@ class ProgressHook(Hook):
         if not self.enabled:
             return
         if outputs and 'loss' in outputs:
-            value = float(outputs['loss'])
+            value = float(outputs['loss'].detach())
             self.loss = (
                 value if self.loss is None else (0.9 * self.loss + 0.1 * value)
             )
@@ -281,6 +286,7 @@ def _quiet_console(logger: logging.Logger) -> None:
     """Keeps MMEngine's INFO records in the log file, off the console."""
     for handler in logger.handlers:
         if type(handler) is logging.StreamHandler:
+            handler.setStream(sys.stdout)  # it was built while redirected
             handler.setLevel(logging.WARNING)
 
 
