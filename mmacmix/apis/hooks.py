@@ -42,15 +42,17 @@ class AtomicCheckpointHook(CheckpointHook):
     def before_train(self, runner) -> None:
         super().before_train(runner)
         if isinstance(self.file_backend, LocalBackend) and is_main_process():
-            self.remove_partial_files()
+            self.remove_partial_files(runner.work_dir)
 
-    def remove_partial_files(self) -> None:
-        """Deletes what saves cut short by a killed run left behind."""
-        if not osp.isdir(self.out_dir):
-            return
-        for name in os.listdir(self.out_dir):
-            if name.startswith('.') and name.endswith(PARTIAL_SUFFIX):
-                os.remove(osp.join(self.out_dir, name))
+    def remove_partial_files(self, work_dir: str | None = None) -> None:
+        """Deletes what saves cut short by a killed run left behind (in
+        ``out_dir`` and, for ``last_checkpoint``, ``work_dir``)."""
+        for folder in {self.out_dir, work_dir or self.out_dir}:
+            if not osp.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                if name.startswith('.') and name.endswith(PARTIAL_SUFFIX):
+                    os.remove(osp.join(folder, name))
 
     def _save_checkpoint_with_step(self, runner, step: int, meta: dict):
         if not isinstance(self.file_backend, LocalBackend):
@@ -72,8 +74,7 @@ class AtomicCheckpointHook(CheckpointHook):
         self.last_ckpt = osp.join(self.out_dir, filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
 
-        # Every rank calls save_checkpoint (it gathers state); only the
-        # main process writes.
+        # Runner.save_checkpoint writes on the main process only.
         partial = f'.{filename}.{os.getpid()}{PARTIAL_SUFFIX}'
         partial_path = osp.join(self.out_dir, partial)
         try:
@@ -173,7 +174,7 @@ def write_text_atomically(path: str, text: str) -> None:
     """Replaces ``path`` by a file holding ``text``, all or nothing."""
     folder = osp.dirname(osp.abspath(path))
     handle, partial = tempfile.mkstemp(
-        dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp'
+        dir=folder, prefix=f'.{osp.basename(path)}.', suffix=PARTIAL_SUFFIX
     )
     try:
         with os.fdopen(handle, 'w') as file:
