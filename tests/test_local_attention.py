@@ -190,6 +190,16 @@ def test_gradcheck(impl):
 
 
 @pytest.mark.parametrize('impl', IMPLS)
+def test_double_backward_raises(impl):
+    q, k, v, _ = make_inputs(1, 2, 4, 3, 1)
+    inputs = [x.requires_grad_() for x in (q, k, v)]
+    out = local_attention(*inputs, 3, impl=impl)
+    (grad_q,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad_q.sum(), q)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
 def test_non_contiguous_inputs(impl):
     q, k, v, grad = make_inputs(2, 6, 9, 8, 1)
     # Channel-last storage and strided views, as reshapes of a fused qkv
