@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmacmix.models import ACmix
+from mmacmix.models import ACmix, ACmixBase
 
 
 def reference_acmix(op: ACmix, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +107,20 @@ def test_gradients_equal_reference_in_float64(stride):
     )
     for a, b in zip(ours, theirs):
         assert (a - b).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize('fc_bias', [False, True])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_fused_conv_path_equals_projection_then_conv_path(fc_bias, stride):
+    core = ACmixBase(8, 2, fc_bias=fc_bias, stride=stride)
+    core = randomised(core).double()
+    weight = torch.randn(24, 5, dtype=torch.float64)
+    bias = torch.randn(24, dtype=torch.float64)
+    x = torch.randn(2, 5, 9, 11, dtype=torch.float64)
+    two_step = core.conv_path(F.conv2d(x, weight[..., None, None], bias))
+    assert (core.fused_conv_path(x, weight, bias) - two_step).abs().max() < (
+        1e-10
+    )
 
 
 def test_odd_sizes_at_stride_two_match_a_strided_3x3_conv():
