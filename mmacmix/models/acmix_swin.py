@@ -4,8 +4,10 @@ The official ImageNet models (``Swin-Transformer/models/
 swin_transformer_acmix.py`` of the ACmix repository) keep Swin-T/S as they
 are and give every block's window attention a convolution path: the q, k, v
 projections of the whole (cyclically shifted) map also feed
-:meth:`ACmixBase.conv_path`, whose output is added after the attention's
-output projection, ``rate1 * proj(attention) + rate2 * convolution``.
+:meth:`ACmixBase.conv_path` (computed as the equal, faster
+:meth:`ACmixBase.fused_conv_path`), whose output is added after the
+attention's output projection, ``rate1 * proj(attention) + rate2 *
+convolution``.
 
 :class:`ACmixSwinTransformer` is that model as a detection / segmentation
 backbone with the API of mmdet's ``SwinTransformer``; its parameter names are
@@ -184,7 +186,9 @@ class ACmixWindowAttention(ACmixBase):
         """
         b, h, w, _ = x.shape
         qkv = self.qkv(x)  # channel s * C + head * D + d
-        conv = self.conv_path(qkv.permute(0, 3, 1, 2))
+        conv = self.fused_conv_path(
+            x.permute(0, 3, 1, 2), self.qkv.weight, self.qkv.bias
+        )
         rows, cols = h // window, w // window
         qkv = qkv.view(
             b, rows, window, cols, window, 3, self.num_heads, self.head_dims
