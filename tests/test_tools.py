@@ -326,7 +326,9 @@ def test_amp_on_cpu_fails_clearly():
         enable_amp(cfg)
 
 
-def test_get_flops_counts_local_attention():
+@pytest.mark.parametrize('form', ['as run', 'official form'])
+def test_get_flops_counts_local_attention(form):
+    extra = ['--official-form'] if form == 'official form' else []
     result = run_tool(
         [
             sys.executable,
@@ -338,9 +340,11 @@ def test_get_flops_counts_local_attention():
             '64',
             '64',
             '--by-operator',
+            *extra,
         ],
         timeout=120,
     )
+    assert f'multiply-adds, {form}' in result.stdout
     lines = dict(
         line.split(':', 1)
         for line in result.stdout.splitlines()
@@ -349,8 +353,9 @@ def test_get_flops_counts_local_attention():
     assert lines['params'].strip() == '8.44 M'
     assert 'LocalAttention' in result.stdout
     assert float(lines['FLOPs'].split()[0]) > 0
-    # Counted by our handle, so not among the operators listed as missed.
+    # Counted by our handles, so not among the operators listed as missed.
     assert 'LocalAttention' not in result.stderr
+    assert 'SharedProjection' not in result.stderr
 
 
 @pytest.mark.parametrize(

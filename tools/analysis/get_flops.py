@@ -12,14 +12,25 @@ that tracing cannot see into; it is counted by the handle below as
 k x k window); PyTorch's fused scaled_dot_product_attention (ACmix-Swin's
 window attention) as q @ k^T plus weights @ v. Softmax, like every
 elementwise op, is not counted.
+
+mmacmix computes the ACmix convolution path as one dense 3x3 convolution of
+the block input (the projections, fc and shift kernels folded together:
+the same function, faster on a CPU, but more multiply-adds). By default the
+operators that actually run are counted; --official-form counts the path
+as the paper and the official code compute it (fc over the shared q/k/v
+maps, then the grouped shift convolution), which is what the paper's FLOPs
+columns mean.
 Operators still without a handle are listed, never silently dropped.
 """
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from mmengine.analysis import FlopAnalyzer, parameter_count
 from mmengine.analysis.jit_handles import get_shape
 from mmengine.config import DictAction
@@ -87,6 +98,39 @@ def attention_kernel_size(model: nn.Module) -> int | None:
     return sizes.pop() if sizes else None
 
 
+def _free(inputs: list, outputs: list) -> int:
+    return 0
+
+
+class _SharedProjection(torch.autograd.Function):
+    """The q/k/v projection, recomputed for the official-form count.
+
+    The block has computed and counted it already; the official convolution
+    path reuses it, so this second computation is traced as its own
+    operator and counted as free.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        return F.conv2d(x, weight[:, :, None, None], bias)
+
+
+def _official_conv_path(self, x, proj_weight, proj_bias):
+    """``ACmixBase.fused_conv_path`` computed the official way."""
+    qkv = _SharedProjection.apply(x, proj_weight, proj_bias)
+    return self.conv_path(qkv)
+
+
+@contextlib.contextmanager
+def official_form():
+    """Makes every ACmix op run its convolution path in the official,
+    factorised form (same result) while the model is traced."""
+    from mmacmix.models.acmix import ACmixBase
+
+    with mock.patch.object(ACmixBase, 'fused_conv_path', _official_conv_path):
+        yield
+
+
 def analyse(model: nn.Module, inputs: tuple) -> dict:
     """Counts parameters and FLOPs of ``model(*inputs)``.
 
@@ -102,7 +146,8 @@ def analyse(model: nn.Module, inputs: tuple) -> dict:
             analyzer.set_op_handle(name, local_attention_handle(kernel_size))
     # MMEngine 0.10.7 has no handle for PyTorch's fused attention.
     analyzer.set_op_handle('aten::scaled_dot_product_attention', sdpa_flops)
-    analyzer.set_op_handle(**{name: None for name in FREE_OPS})
+    for name in (*FREE_OPS, 'prim::PythonOp._SharedProjection'):
+        analyzer.set_op_handle(name, _free)
     analyzer.unsupported_ops_warnings(False)
     analyzer.uncalled_modules_warnings(False)
     with torch.no_grad():
@@ -198,6 +243,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--by-operator', action='store_true', help='also list FLOPs per op'
     )
+    parser.add_argument(
+        '--official-form',
+        action='store_true',
+        help='count the ACmix convolution path as the paper does (fc and '
+        'shift convolution) instead of the fused dense convolution that runs',
+    )
     args = parser.parse_args(argv)
     if (args.config is None) == (args.backbone is None):
         parser.error('give either CONFIG or --backbone TYPE [KEY=VALUE ...]')
@@ -219,12 +270,17 @@ def main(argv=None) -> dict:
             args.config, args.backbone_only, args.shape, args.cfg_options
         )
         what = args.config + (' (backbone)' if args.backbone_only else '')
-    result = analyse(model, inputs)
+    counting = (
+        official_form() if args.official_form else contextlib.nullcontext()
+    )
+    with counting:
+        result = analyse(model, inputs)
     height, width = args.shape
     print(f'model:  {what}')
     print(f'input:  1 x 3 x {height} x {width}')
     print(f'params: {result["params"] / 1e6:.2f} M')
-    print(f'FLOPs:  {result["flops"] / 1e9:.2f} G (multiply-adds)')
+    form = 'official form' if args.official_form else 'as run'
+    print(f'FLOPs:  {result["flops"] / 1e9:.2f} G (multiply-adds, {form})')
     if args.by_operator:
         for name, count in result['by_operator'].most_common():
             print(f'  {name:40s} {count / 1e9:8.3f} G')
