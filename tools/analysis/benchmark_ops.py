@@ -16,6 +16,9 @@ A second table isolates the attention: ``attention`` and
 ``attention-reference`` run only the window attention (4 heads of the
 input as q, k and v) with the fast function and the unfold computation.
 
+A third table compares X-volution's training form (``xvolution``) with its
+deployed single-operator form (``xvolution-deploy``), both in eval mode.
+
 ``--backbone`` adds a whole ACmix-ResNet-50 at 1 x 3 x 512 x 512 (fast and
 reference) and a plain ResNet-50 for scale.
 
@@ -56,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmacmix.models import ACmix, ACmixResNet
+from mmacmix.models import ACmix, ACmixResNet, XVolution
 from mmacmix.models import acmix as acmix_module
 from mmacmix.models.resnet import Bottleneck, PluggableResNet
 from mmacmix.ops import local_attention, native_available
@@ -73,6 +76,14 @@ BACKBONE_SHAPE = (1, 3, 512, 512)
 OP_CASES = ('conv', 'acmix', 'reference')
 ATTENTION_CASES = ('conv', 'attention', 'attention-reference')
 BACKBONE_CASES = ('resnet50', 'acmix-r50', 'acmix-r50-reference')
+# Both X-volution forms in eval mode, where they compute the same function
+# (the deploy form folds the branch norms' running statistics).
+XVOLUTION_CASES = ('conv', 'xvolution', 'xvolution-deploy')
+TABLES = {
+    'acmix': OP_CASES,
+    'attention': ATTENTION_CASES,
+    'xvolution': XVOLUTION_CASES,
+}
 
 
 def unfold_attention(
@@ -155,6 +166,10 @@ def build_case(
         module = AttentionOnly(unfold_attention)
     elif case in ('acmix', 'reference'):
         module = ACmix(channels, channels, num_heads=4, attn_kernel_size=7)
+    elif case in ('xvolution', 'xvolution-deploy'):
+        module = XVolution(channels, channels)
+        if case == 'xvolution-deploy':
+            module.switch_to_deploy()
     elif case == 'resnet50':
         module = PlainResNet(depth=50)
     elif case in ('acmix-r50', 'acmix-r50-reference'):
@@ -162,6 +177,8 @@ def build_case(
     else:
         raise ValueError(f'unknown case {case!r}')
     module = module.to(device).train()
+    if case.startswith('xvolution'):
+        module.eval()
     x = torch.randn(shape, device=device, requires_grad=True)
     if case in ('reference', 'acmix-r50-reference'):
         return module, x, reference_attention
@@ -343,6 +360,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         '--threads', type=int, help='torch threads (default: torch default)'
     )
+    parser.add_argument(
+        '--tables',
+        nargs='+',
+        choices=sorted(TABLES),
+        default=list(TABLES),
+        help='which tables to run (default: all)',
+    )
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--child-memory', help=argparse.SUPPRESS)
@@ -377,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    for cases in (OP_CASES, ATTENTION_CASES):
+    for cases in (TABLES[name] for name in args.tables):
         rows = [run_shape(shape, cases, args) for shape in shapes]
         print()
         print_table(rows, cases)
