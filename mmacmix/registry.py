@@ -1,10 +1,12 @@
-"""The mmacmix model registry.
+"""The mmacmix registries.
 
-A child of MMEngine's root ``MODELS`` registry: mmdet and mmseg configs reach
-our classes as ``type='mmacmix.ACmixResNet'`` without either package knowing
-about us, and ``locations`` imports the models on first use.
+Children of MMEngine's root registries: mmdet and mmseg configs reach our
+classes as ``type='mmacmix.ACmixResNet'`` (models) or
+``type='mmacmix.ExactResumeHook'`` (hooks) without either package knowing
+about us, and ``locations`` imports the classes on first use.
 """
 
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import Registry
 
@@ -13,4 +15,10 @@ MODELS = Registry(
     parent=MMENGINE_MODELS,
     scope='mmacmix',
     locations=['mmacmix.models'],
+)
+HOOKS = Registry(
+    'hook',
+    parent=MMENGINE_HOOKS,
+    scope='mmacmix',
+    locations=['mmacmix.apis.hooks'],
 )

@@ -41,3 +41,31 @@ def test_mmdet_and_mmseg_build_by_scoped_name_without_importing_us():
         'mmdet mmacmix.models.acmix_resnet ACmixResNet',
         'mmseg mmacmix.models.acmix_resnet ACmixResNet',
     ]
+
+
+def test_hooks_build_by_scoped_name_without_importing_us():
+    # What a config run by `mim train` relies on: MMEngine's HOOKS finds
+    # both hooks from the scope prefix, and the checkpoint hook keeps the
+    # arguments of the CheckpointHook it stands in for.
+    script = textwrap.dedent("""
+        import sys
+        from mmengine.registry import HOOKS
+        assert 'mmacmix' not in sys.modules
+        resume = HOOKS.build(dict(type='mmacmix.ExactResumeHook'))
+        checkpoint = HOOKS.build(dict(
+            type='mmacmix.AtomicCheckpointHook', interval=7, by_epoch=False,
+            max_keep_ckpts=2))
+        print(type(resume).__module__, type(resume).__name__)
+        print(type(checkpoint).__name__, checkpoint.interval,
+              checkpoint.by_epoch, checkpoint.max_keep_ckpts)
+    """)
+    out = subprocess.run(
+        [sys.executable, '-c', script],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split('\n')
+    assert out[:2] == [
+        'mmacmix.apis.hooks ExactResumeHook',
+        'AtomicCheckpointHook 7 False 2',
+    ]

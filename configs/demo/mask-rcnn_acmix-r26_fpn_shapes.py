@@ -13,8 +13,8 @@ data_root = 'data/shapes/'
 classes = ('circle', 'square', 'triangle', 'star')
 image_size = (128, 128)
 fpn_channels = 64
-max_iters = 600
-val_interval = 300
+max_iters = 750
+val_interval = 250
 
 model = dict(
     backbone=dict(

@@ -7,7 +7,9 @@ at it; a run killed while saving can leave ``last_checkpoint`` naming a
 deleted or truncated file, and ``--resume`` then fails. A resumed run is
 also not the run it continues: the torch random state (RoI sampling,
 dropout, drop-path) restarts from the seed. The two hooks here close both
-gaps; :func:`mmacmix.apis.build_runner` installs them for every config.
+gaps. :func:`mmacmix.apis.build_runner` (behind ``tools/train.py``)
+installs them for every config; other launchers (``mim train``) get them
+from a config that names them (``type='mmacmix.ExactResumeHook'``).
 """
 
 import os
@@ -22,9 +24,12 @@ from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.runner import EpochBasedTrainLoop
 
+from mmacmix.registry import HOOKS
+
 PARTIAL_SUFFIX = '.partial'
 
 
+@HOOKS.register_module()
 class AtomicCheckpointHook(CheckpointHook):
     """``CheckpointHook`` whose saves can be interrupted at any moment.
 
@@ -107,6 +112,7 @@ class AtomicCheckpointHook(CheckpointHook):
                 os.remove(path)
 
 
+@HOOKS.register_module()
 class ExactResumeHook(Hook):
     """Makes a resumed run repeat the uninterrupted run bit for bit.
 

@@ -111,8 +111,9 @@ def build_runner(cfg: Config) -> Runner:
 
     The ``CheckpointHook`` of ``cfg.default_hooks`` (if any) is replaced by
     an :class:`AtomicCheckpointHook` with the same arguments, and an
-    :class:`ExactResumeHook` is added. The config itself is unchanged, so the
-    copy the Runner writes to the work folder runs anywhere.
+    :class:`ExactResumeHook` is added unless the config names one. The
+    config itself is unchanged, so the copy the Runner writes to the work
+    folder runs anywhere.
 
     Args:
         cfg (Config): A config prepared by :func:`load_config` (and
@@ -137,7 +138,8 @@ def build_runner(cfg: Config) -> Runner:
             atomic = AtomicCheckpointHook(**args)
             atomic.priority = hook.priority
             runner.hooks[index] = atomic
-    runner.register_hook(ExactResumeHook())
+    if not any(isinstance(hook, ExactResumeHook) for hook in runner.hooks):
+        runner.register_hook(ExactResumeHook())
     return runner
 
 
