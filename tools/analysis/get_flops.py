@@ -18,8 +18,9 @@ the block input (the projections, fc and shift kernels folded together:
 the same function, faster on a CPU, but more multiply-adds). By default the
 operators that actually run are counted; --official-form counts the path
 as the paper and the official code compute it (fc over the shared q/k/v
-maps, then the grouped shift convolution), which is what the paper's FLOPs
-columns mean.
+maps, then the grouped shift convolution; at stride 2 the queries of every
+position, where mmacmix projects only the window centres), which is what
+the paper's FLOPs columns mean.
 Operators still without a handle are listed, never silently dropped.
 """
 
@@ -98,6 +99,13 @@ def attention_kernel_size(model: nn.Module) -> int | None:
     return sizes.pop() if sizes else None
 
 
+def baddbmm_flops(inputs: list, outputs: list) -> int:
+    """FLOPs of ``baddbmm(input, batch1, batch2)``: ``(B, M, K) @ (B, K,
+    N)``, the form of ACmix's 1x1 projections; the bias add is free."""
+    batch, rows, inner = get_shape(inputs[1])
+    return batch * rows * inner * get_shape(inputs[2])[-1]
+
+
 def _free(inputs: list, outputs: list) -> int:
     return 0
 
@@ -115,19 +123,31 @@ class _SharedProjection(torch.autograd.Function):
         return F.conv2d(x, weight[:, :, None, None], bias)
 
 
-def _official_conv_path(self, x, proj_weight, proj_bias):
+def _official_conv_path(self, x, proj_weight, proj_bias, scale=None):
     """``ACmixBase.fused_conv_path`` computed the official way."""
     qkv = _SharedProjection.apply(x, proj_weight, proj_bias)
-    return self.conv_path(qkv)
+    out = self.conv_path(qkv)
+    return out if scale is None else out * scale
+
+
+def _official_queries(self, x, scale):
+    """``ACmix.project_queries`` computed the official way: every position
+    is projected, then the window centres are kept."""
+    q = F.conv2d(x, self.conv1.weight * scale, self.conv1.bias * scale)
+    return q[..., :: self.stride, :: self.stride]
 
 
 @contextlib.contextmanager
 def official_form():
-    """Makes every ACmix op run its convolution path in the official,
-    factorised form (same result) while the model is traced."""
-    from mmacmix.models.acmix import ACmixBase
+    """Makes every ACmix op compute its convolution path (factorised) and
+    its queries (all positions projected) in the official form, with the
+    same results, while the model is traced."""
+    from mmacmix.models.acmix import ACmix, ACmixBase
 
-    with mock.patch.object(ACmixBase, 'fused_conv_path', _official_conv_path):
+    with (
+        mock.patch.object(ACmixBase, 'fused_conv_path', _official_conv_path),
+        mock.patch.object(ACmix, 'project_queries', _official_queries),
+    ):
         yield
 
 
@@ -146,6 +166,7 @@ def analyse(model: nn.Module, inputs: tuple) -> dict:
             analyzer.set_op_handle(name, local_attention_handle(kernel_size))
     # MMEngine 0.10.7 has no handle for PyTorch's fused attention.
     analyzer.set_op_handle('aten::scaled_dot_product_attention', sdpa_flops)
+    analyzer.set_op_handle('aten::baddbmm', baddbmm_flops)
     for name in (*FREE_OPS, 'prim::PythonOp._SharedProjection'):
         analyzer.set_op_handle(name, _free)
     analyzer.unsupported_ops_warnings(False)
