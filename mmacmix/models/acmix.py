@@ -186,7 +186,7 @@ class ACmixBase(BaseModule):
         cols = _taps_inside(x.shape[3], conv.shape[3], stride, kernel, x)
         bias_map = torch.einsum(
             'oyx,yi,xj->oij', bias.view(-1, kernel, kernel), rows, cols
-        )
+        ).unsqueeze(0)
         # In place: a convolution's backward does not read its output.
         return conv.add_(bias_map)
 

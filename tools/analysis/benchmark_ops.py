@@ -24,7 +24,10 @@ reference) and a plain ResNet-50 for scale.
 
 Time: the median of ``--repeats`` forward + backward passes after
 ``--warmup`` untimed ones, on one process with the default thread count.
-Gradients are dropped between passes.
+The first two cases of a row (the baseline and the fast op) take turns,
+one timed pass each per round, so that their ratio compares passes run
+side by side; the reference is timed after them. Gradients are dropped
+between passes.
 
 Memory: the peak extra memory of one forward + backward.  On CPU every
 case runs in a fresh child process (no allocator cache left over from other
@@ -41,7 +44,7 @@ pass, after ``reset_peak_memory_stats``.
 Usage::
 
     python tools/analysis/benchmark_ops.py [--quick] [--backbone]
-        [--device cpu|cuda] [--repeats 5] [--warmup 1]
+        [--device cpu|cuda] [--repeats 5] [--warmup 2]
 """
 
 import argparse
@@ -201,27 +204,41 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_case(
-    case: str, shape: tuple[int, ...], device: str, repeats: int, warmup: int
-) -> tuple[float, Tensor]:
-    """Median seconds of forward + backward, and the output of one pass."""
-    module, x, context = build_case(case, shape, device)
-    with context() as calls:
-        for _ in range(warmup):
-            out = forward_backward(module, x)
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            forward_backward(module, x)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-    if calls is not None and not calls:
-        raise RuntimeError(
-            'the reference attention never ran: was ACmix '
-            'changed to call local_attention differently?'
-        )
-    return statistics.median(times), out
+def time_cases(
+    cases: tuple[str, ...],
+    shape: tuple[int, ...],
+    device: str,
+    repeats: int,
+    warmup: int,
+) -> dict[str, tuple[float, Tensor]]:
+    """Median seconds of forward + backward of each case, and its output.
+
+    Every case is warmed up first; the timed passes then take turns (one
+    pass of each case per round), so that a slow spell of a shared machine
+    or the first passes of a fresh process weigh on all cases alike.
+    """
+    built = {case: build_case(case, shape, device) for case in cases}
+    outputs, times = {}, {case: [] for case in cases}
+    for case, (module, x, context) in built.items():
+        with context() as calls:
+            for _ in range(warmup):
+                outputs[case] = forward_backward(module, x)
+        if calls is not None and not calls:
+            raise RuntimeError(
+                'the reference attention never ran: was ACmix '
+                'changed to call local_attention differently?'
+            )
+    for _ in range(repeats):
+        for case, (module, x, context) in built.items():
+            with context():
+                synchronize(device)
+                start = time.perf_counter()
+                forward_backward(module, x)
+                synchronize(device)
+                times[case].append(time.perf_counter() - start)
+    return {
+        case: (statistics.median(times[case]), outputs[case]) for case in cases
+    }
 
 
 def _status_kb(field: str) -> int:
@@ -284,20 +301,24 @@ def run_shape(
 ) -> dict:
     """Times, memory and output agreement of the cases at one shape."""
     row: dict = {'shape': 'x'.join(map(str, shape))}
-    outputs = {}
-    for case in cases:
-        seconds, outputs[case] = time_case(
-            case, shape, args.device, args.repeats, args.warmup
-        )
+    # The reference, slow and gigabytes large, is timed apart: between the
+    # passes of the two closest cases it would flush the caches and the
+    # allocator's free memory for both.
+    timed = {
+        case: result
+        for group in (cases[:2], cases[2:])
+        for case, result in time_cases(
+            group, shape, args.device, args.repeats, args.warmup
+        ).items()
+    }
+    for case, (seconds, _) in timed.items():
         row[case] = {
             'seconds': seconds,
             'mib': measure_memory(case, shape, args.device),
         }
         print(f'  {row["shape"]} {case}: {seconds * 1e3:.0f} ms', flush=True)
-    fast, reference = cases[1], cases[2]
-    row['max_abs_diff'] = (
-        (outputs[fast] - outputs[reference]).abs().max().item()
-    )
+    fast, reference = timed[cases[1]][1], timed[cases[2]][1]
+    row['max_abs_diff'] = (fast - reference).abs().max().item()
     return row
 
 
@@ -368,7 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='which tables to run (default: all)',
     )
     parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--child-memory', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 1:
