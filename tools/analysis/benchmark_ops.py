@@ -383,10 +383,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         '--tables',
-        nargs='+',
+        nargs='*',
         choices=sorted(TABLES),
         default=list(TABLES),
-        help='which tables to run (default: all)',
+        help='which tables to run (default: all; none with --backbone for '
+        'the backbone alone)',
     )
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
