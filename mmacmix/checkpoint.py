@@ -7,14 +7,14 @@ non-clobbering output.
 """
 
 import argparse
-import os
 import os.path as osp
 import pickle
-import tempfile
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
+
+from mmacmix.fileio import atomic_path
 
 
 def read_checkpoint(path: str) -> Mapping:
@@ -107,20 +107,8 @@ def save_atomically(payload: object, path: str, force: bool = False) -> None:
         FileExistsError: If ``path`` exists and ``force`` is False.
     """
     refuse_existing(path, force)
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(
-        dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp'
-    )
-    try:
-        with os.fdopen(handle, 'wb') as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+    with atomic_path(path) as partial:
+        torch.save(payload, partial)
 
 
 def refuse_existing(path: str, force: bool) -> None:

@@ -25,14 +25,13 @@ leaves nothing behind.
 import ast
 import json
 import logging
-import os
 import os.path as osp
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from mmacmix.fileio import atomic_path
 from mmacmix.models.utils import load_pretrained, read_state_dict
 
 __all__ = [
@@ -294,34 +293,20 @@ def export_onnx(
     for i, name in enumerate(outputs):
         axes[name] = {0: 'batch', 2: f'height{i}', 3: f'width{i}'}
 
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(
-        dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp'
-    )
-    os.close(handle)
-    try:
+    with atomic_path(path) as partial:
         with torch.no_grad():
             torch.onnx.export(
                 model,
                 (sample,),
-                tmp_path,
+                partial,
                 dynamo=False,
                 input_names=['input'],
                 output_names=outputs,
                 dynamic_axes=axes,
                 opset_version=opset,
             )
-        _add_metadata(tmp_path, model, least)
-        diffs = verify_onnx(tmp_path, model, verify_sizes, atol)
-        # mkstemp made the file private; give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+        _add_metadata(partial, model, least)
+        diffs = verify_onnx(partial, model, verify_sizes, atol)
     return diffs
 
 

@@ -15,7 +15,6 @@ from a config that names them (``type='mmacmix.ExactResumeHook'``).
 import os
 import os.path as osp
 import random
-import tempfile
 
 import numpy as np
 import torch
@@ -24,9 +23,8 @@ from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.runner import EpochBasedTrainLoop
 
+from mmacmix.fileio import PARTIAL_SUFFIX, atomic_path, fsync, fsync_folder
 from mmacmix.registry import HOOKS
-
-PARTIAL_SUFFIX = '.partial'
 
 
 @HOOKS.register_module()
@@ -96,16 +94,16 @@ class AtomicCheckpointHook(CheckpointHook):
             )
             if not is_main_process():
                 return
-            _fsync(partial_path)
+            fsync(partial_path)
             os.replace(partial_path, self.last_ckpt)
         except BaseException:
             if osp.exists(partial_path):
                 os.remove(partial_path)
             raise
-        _fsync_dir(self.out_dir)
-        write_text_atomically(
-            osp.join(runner.work_dir, 'last_checkpoint'), self.last_ckpt
-        )
+        fsync_folder(self.out_dir)
+        last = osp.join(runner.work_dir, 'last_checkpoint')
+        with atomic_path(last) as temporary, open(temporary, 'w') as file:
+            file.write(self.last_ckpt)
         for old in stale:
             path = osp.join(self.out_dir, self.filename_tmpl.format(old))
             if osp.isfile(path):
@@ -174,35 +172,3 @@ def iteration_seed(seed: int, iteration: int) -> int:
     """
     sequence = np.random.SeedSequence([seed % 2**32, iteration])
     return int(sequence.generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    """Replaces ``path`` by a file holding ``text``, all or nothing."""
-    folder = osp.dirname(osp.abspath(path))
-    handle, partial = tempfile.mkstemp(
-        dir=folder, prefix=f'.{osp.basename(path)}.', suffix=PARTIAL_SUFFIX
-    )
-    try:
-        with os.fdopen(handle, 'w') as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        os.unlink(partial)
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync(path: str) -> None:
-    with open(path, 'rb') as file:
-        os.fsync(file.fileno())
-
-
-def _fsync_dir(folder: str) -> None:
-    # A rename is durable only once its folder is flushed too.
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
