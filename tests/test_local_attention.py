@@ -2,13 +2,14 @@
 
 The references build the whole ``k ** 2``-fold neighbourhood the way the
 official ACmix code does (reflection pad, then ``unfold``), in float64; the
-operator under test never does.  Both implementations are checked: the
-compiled CPU kernel and the PyTorch loop used on other devices and when the
-kernel is not built.
+operator under test never does.  Both CPU implementations are checked here:
+the compiled kernel and the PyTorch loop used on other devices and when the
+kernel is not built (the Triton kernels: test_local_attention_triton.py).
 """
 
 import importlib
 import math
+import os
 import warnings
 
 import pytest
@@ -279,8 +280,7 @@ def test_invalid_arguments():
 
 
 def test_jit_trace_is_clean_and_correct():
-    # FLOP counters trace the op; the tracer cannot see into the compiled
-    # kernel, so the loop runs, without tracer warnings.
+    # FLOP counters trace the op: it appears as one registered node.
     q, k, v, _ = make_inputs(2, 3, 6, 7, 1)
     with warnings.catch_warnings():
         warnings.simplefilter('error', torch.jit.TracerWarning)
@@ -288,11 +288,31 @@ def test_jit_trace_is_clean_and_correct():
             lambda *x: local_attention(*x, 3), (q, k, v)
         )
         traced = torch.jit.trace(lambda *x: local_attention(*x, 3), (q, k, v))
-    names = [n.pyname() for n in graph.nodes() if n.kind() == 'prim::PythonOp']
-    assert names == ['_LocalAttentionLoop']
+    kinds = [n.kind() for n in graph.nodes() if n.kind().startswith('mm')]
+    assert kinds == ['mmacmix::local_attention']
     q, k, v, _ = make_inputs(2, 3, 6, 7, 1, seed=1)
     expected = reference(q, k, v, 3)
     assert (traced(q, k, v) - expected).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_registered_op_passes_opcheck(impl):
+    # Schema, fake (meta) implementation, autograd registration and
+    # AOT dispatch, checked by PyTorch's own test utility.
+    q, k, v, _ = make_inputs(2, 3, 5, 6, 2)
+    inputs = [x.requires_grad_() for x in (q, k, v)]
+    torch.library.opcheck(
+        torch.ops.mmacmix.local_attention.default, (*inputs, 3, 2, impl)
+    )
+
+
+@pytest.mark.skipif(
+    os.environ.get('CI') != 'true', reason='CI requires the compiled kernel'
+)
+def test_ci_has_the_compiled_kernel():
+    # setup.py lets a failed build pass (users still get the loop); CI must
+    # not, or the native tests above would all be skipped.
+    assert module.native_available(), module._EXT_ERROR
 
 
 def test_onnx_export_serves_any_size(tmp_path):
@@ -325,10 +345,10 @@ def test_onnx_export_serves_any_size(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
-def test_cuda_uses_the_loop():
+def test_cuda_pytorch_loop():
     q, k, v, grad = make_inputs(2, 8, 9, 10, 2)
     got = outputs_and_grads(
-        lambda *x: local_attention(*x, 7, 2),
+        lambda *x: local_attention(*x, 7, 2, impl='pytorch'),
         *(x.cuda() for x in (q, k, v, grad)),
     )
     expected = outputs_and_grads(lambda *x: reference(*x, 7, 2), q, k, v, grad)

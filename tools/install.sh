@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One-command, idempotent CPU setup: a virtual environment with torch (CPU),
-# mmengine, mmcv with compiled ops, mmdet, mmsegmentation, the test tools and
-# mmacmix itself (editable).
+# One-command, idempotent setup: a virtual environment with torch (the
+# standard build, which runs on CPU-only machines and brings triton),
+# torchvision, mmengine, mmcv with compiled CPU ops, mmdet, mmsegmentation,
+# mmpretrain, the test tools and mmacmix itself (editable).
 #
 #   bash tools/install.sh
 #
@@ -14,16 +15,16 @@ cd "$(dirname "$0")/.."
 
 venv=${MMACMIX_VENV:-.venv}
 constraints=$PWD/requirements/constraints.txt
-torch_version=$(sed -n 's/^torch==//p' "$constraints")
+torch_version=$(sed -n 's/^torch=\{2,3\}//p' "$constraints")
 mmcv_version=$(sed -n 's/^mmcv==//p' "$constraints")
 # The compiled ops are tied to the torch they were built against.
-cache=${MMACMIX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmacmix}/torch-$torch_version-cpu
+cache=${MMACMIX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmacmix}/torch-$torch_version
 
 [ -x "$venv/bin/python" ] || "${PYTHON:-python3.11}" -m venv "$venv"
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check "$@"; }
 export PIP_CONSTRAINT=$constraints
 
-pip install -q "torch==$torch_version" setuptools wheel ninja
+pip install -q torch torchvision triton setuptools wheel ninja
 
 wheel=$(ls "$cache"/mmcv-"$mmcv_version"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then

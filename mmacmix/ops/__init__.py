@@ -1,5 +1,10 @@
-"""Operators with compiled CPU kernels and PyTorch fallbacks."""
+"""Local attention: one registered op with C++ (CPU), Triton (CUDA) and
+PyTorch implementations."""
 
-from .local_attention import local_attention, native_available
+from .local_attention import (
+    local_attention,
+    native_available,
+    triton_available,
+)
 
-__all__ = ['local_attention', 'native_available']
+__all__ = ['local_attention', 'native_available', 'triton_available']

@@ -4,22 +4,34 @@ Every output pixel attends to a ``kernel_size x kernel_size`` window of keys
 and values centred on it (on ``stride * (i, j)`` for a strided op), with the
 map extended by reflection.  The official code gathers the windows with
 ``unfold``, which stores ``kernel_size ** 2`` copies of the keys and values
-(3.3 GB for one stage-1 op of an 800 x 1216 image).  Here no
-``kernel_size ** 2``-fold tensor is ever kept: on the CPU a compiled kernel
-(``mmacmix.ops._ext``) streams over the windows, and elsewhere (CUDA, or a
-build without the extension) a PyTorch loop over the window offsets does.
-Both keep only the inputs and a per-pixel log-sum-exp for the backward pass
-and recompute the attention weights there.  An ONNX export gets a graph of
+(3.3 GB for one stage-1 op of an 800 x 1216 image).  Here nothing
+``kernel_size ** 2``-fold is kept.
+
+The function is one registered operator, ``torch.ops.mmacmix.
+local_attention`` (forward, returning the output and a per-pixel
+log-sum-exp) with ``torch.ops.mmacmix.local_attention_backward`` as its
+registered autograd, so that ``torch.compile`` and tracers see one node.
+Implementations, by device:
+
+* CPU: a compiled C++ kernel (``mmacmix.ops._ext``), which streams over the
+  windows on PyTorch's thread pool;
+* CUDA: Triton kernels (``local_attention_triton``), half precision
+  included, accumulating in float32;
+* any device, and wherever those are missing: a PyTorch loop that gathers
+  one window row (``kernel_size`` copies) at a time.
+
+All keep only the inputs and the log-sum-exp for the backward pass and
+recompute the attention weights there.  An ONNX export gets a graph of
 plain operators whose gathers follow the traced sizes, so one exported model
 serves any input size.
 """
 
+import functools
 import warnings
+from types import ModuleType
 
 import torch
 from torch import Tensor
-from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 
 try:
     from . import _ext
@@ -29,15 +41,45 @@ except ImportError as error:  # built without the extension
 else:
     _EXT_ERROR = None
 
-__all__ = ['local_attention', 'native_available']
+__all__ = [
+    'local_attention',
+    'native_available',
+    'triton_available',
+]
 
-_IMPLS = ('auto', 'native', 'pytorch')
+IMPLS = ('auto', 'native', 'triton', 'pytorch')
 _warned_fallback = False
 
 
 def native_available() -> bool:
     """Whether the compiled CPU kernel could be imported."""
     return _ext is not None
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    """The Triton kernel module, imported on first use (None without
+    triton).  ``TRITON_INTERPRET`` is read at that import."""
+    try:
+        from . import local_attention_triton
+    except ImportError:
+        return None
+    return local_attention_triton
+
+
+def triton_available(device: torch.device | str = 'cuda') -> bool:
+    """Whether the Triton kernels can run on tensors of ``device``.
+
+    On CUDA this needs triton; on the CPU it also needs
+    ``TRITON_INTERPRET=1`` set before the kernels were first used.
+    """
+    kernels = _triton_kernels()
+    if kernels is None:
+        return False
+    device_type = torch.device(device).type
+    return device_type == 'cuda' or (
+        device_type == 'cpu' and kernels.INTERPRETED
+    )
 
 
 def fold_index(index: Tensor, size: int) -> Tensor:
@@ -64,47 +106,56 @@ def fold_index(index: Tensor, size: int) -> Tensor:
     return torch.where(index < size, index, period - index)
 
 
-def _padded_sources(
-    size: int, out_size: int, kernel_size: int, stride: int, device
-) -> Tensor:
-    """Input position of every position of the reflection-padded axis.
+class _WindowRows:
+    """Gathers window row ``ty`` of every output pixel at once.
 
-    Only integer arithmetic on the sizes, which a tracer keeps in the graph.
+    ``gather(x, ty)`` is ``(N, D, Ho, kernel_size, Wo)``: entry
+    ``[..., i, tx, j]`` is ``x`` at window offset ``(ty, tx)`` of output
+    pixel ``(i, j)``.  Index tensors come from the (possibly traced) sizes,
+    so an exported graph serves any input size.
     """
-    padded = stride * (out_size - 1) + kernel_size
-    positions = torch.arange(padded, device=device) - kernel_size // 2
-    return fold_index(positions, size)
+
+    def __init__(self, q: Tensor, k: Tensor, kernel_size: int, stride: int):
+        ho, wo = q.shape[-2:]
+        taps = torch.arange(kernel_size, device=q.device) - kernel_size // 2
+        rows = torch.arange(ho, device=q.device) * stride
+        cols = torch.arange(wo, device=q.device) * stride
+        self.kernel_size = kernel_size
+        self.rows = fold_index(taps[:, None] + rows, k.shape[2])
+        self.cols = fold_index((taps[:, None] + cols).flatten(), k.shape[3])
+
+    def gather(self, x: Tensor, ty: int) -> Tensor:
+        x = x.index_select(2, self.rows[ty]).index_select(3, self.cols)
+        return x.unflatten(3, (self.kernel_size, -1))
+
+    def scatter_add_(self, grad: Tensor, window: Tensor, ty: int) -> None:
+        """Adds the gradient of ``gather(x, ty)`` onto ``grad``."""
+        by_columns = grad.new_zeros(*window.shape[:3], grad.shape[3])
+        by_columns.index_add_(3, self.cols, window.flatten(3))
+        grad.index_add_(2, self.rows[ty], by_columns)
 
 
-def _window(
-    padded: Tensor, ty: int, tx: int, out_hw: tuple[int, int], stride: int
+def _window_logits(x: Tensor, windows: _WindowRows, source: Tensor) -> Tensor:
+    """``x . source`` for every window offset: ``(N, Ho, k ** 2, Wo)``."""
+    return torch.cat(
+        [
+            (x.unsqueeze(3) * windows.gather(source, ty)).sum(1)
+            for ty in range(windows.kernel_size)
+        ],
+        dim=2,
+    )
+
+
+def _weighted_sum(
+    weights: Tensor, windows: _WindowRows, source: Tensor
 ) -> Tensor:
-    """View of window offset ``(ty, tx)`` for all output pixels."""
-    ho, wo = out_hw
-    return padded[
-        :,
-        :,
-        ty : ty + stride * (ho - 1) + 1 : stride,
-        tx : tx + stride * (wo - 1) + 1 : stride,
-    ]
-
-
-def _logits(
-    q: Tensor, key_padded: Tensor, kernel_size: int, stride: int
-) -> Tensor:
-    """Attention logits, ``(N, kernel_size ** 2, Ho, Wo)``."""
-    n, _, ho, wo = q.shape
-    logits = q.new_empty(n, kernel_size**2, ho, wo)
-    # One (N, D, Ho, Wo) product buffer for all offsets, instead of a
-    # kernel_size ** 2-fold tensor or a fresh temporary per offset.
-    product = torch.empty_like(q)
-    for t in range(kernel_size**2):
-        window = _window(
-            key_padded, t // kernel_size, t % kernel_size, (ho, wo), stride
-        )
-        torch.mul(q, window, out=product)
-        torch.sum(product, dim=1, out=logits[:, t])
-    return logits
+    """``sum_t weights_t * source_t``: ``(N, D, Ho, Wo)``."""
+    k = windows.kernel_size
+    out = 0
+    for ty in range(k):
+        row = weights[:, None, :, ty * k : (ty + 1) * k]
+        out = out + (row * windows.gather(source, ty)).sum(3)
+    return out
 
 
 def _local_attention_graph(
@@ -112,143 +163,195 @@ def _local_attention_graph(
 ) -> Tensor:
     """Plain operators only, for ONNX export.
 
-    Index tensors are built from the traced sizes, so the exported graph
-    serves any input size.  Each window row of all pixels is gathered at
-    once (``(N, D, Ho, kernel_size, Wo)``): a few operators per row, not per
-    offset, so an ACmix-ResNet-26 graph has about 4.7k nodes instead of 12k
-    (export 6 s instead of 40 s, onnxruntime session start 2.5 s instead of
-    18 s), and at most ``kernel_size`` copies of the keys or values exist
-    at a time.  Inference only.
+    Each window row of all pixels is gathered at once: a few operators per
+    row, not per offset, so an ACmix-ResNet-26 graph has about 4.7k nodes
+    instead of 12k, and at most ``kernel_size`` copies of the keys or values
+    exist at a time.  Inference only.
     """
-    ho, wo = q.shape[-2:]
-    taps = torch.arange(kernel_size, device=q.device) - kernel_size // 2
-    rows = torch.arange(ho, device=q.device) * stride
-    cols = torch.arange(wo, device=q.device) * stride
-    rows = fold_index(taps[:, None] + rows, k.shape[2])  # (row tap, Ho)
-    cols = fold_index((taps[:, None] + cols).flatten(), k.shape[3])
+    windows = _WindowRows(q, k, kernel_size, stride)
+    probs = _window_logits(q, windows, k).softmax(dim=2)
+    return _weighted_sum(probs, windows, v)
 
-    def window_row(x: Tensor, ty: int) -> Tensor:
-        x = x.index_select(2, rows[ty]).index_select(3, cols)
-        return x.unflatten(3, (kernel_size, -1))
 
-    # Offset t = ty * kernel_size + tx, as in the kernel.
-    logits = torch.cat(
-        [
-            (q.unsqueeze(3) * window_row(k, ty)).sum(1)
-            for ty in range(kernel_size)
-        ],
-        dim=2,
-    )
-    probs = logits.softmax(dim=2).unsqueeze(1)  # (N, 1, Ho, k ** 2, Wo)
-    out = 0
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pytorch_forward(
+    q: Tensor, k: Tensor, v: Tensor, kernel_size: int, stride: int
+) -> tuple[Tensor, Tensor]:
+    work = _work_dtype(q.dtype)
+    q, k, v = (x.to(work) for x in (q, k, v))
+    windows = _WindowRows(q, k, kernel_size, stride)
+    logits = _window_logits(q, windows, k)
+    lse = torch.logsumexp(logits, dim=2, keepdim=True)
+    out = _weighted_sum(logits.sub_(lse).exp_(), windows, v)
+    return out, lse.squeeze(2)
+
+
+def _pytorch_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lse: Tensor,
+    kernel_size: int,
+    stride: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    work = _work_dtype(q.dtype)
+    grad_out, q, k, v = (x.to(work) for x in (grad_out, q, k, v))
+    windows = _WindowRows(q, k, kernel_size, stride)
+    probs = _window_logits(q, windows, k).sub_(lse.unsqueeze(2)).exp_()
+    # d(loss)/d(prob_t) = grad_out . v_t, then the softmax Jacobian.
+    grad_logits = _window_logits(grad_out, windows, v)
+    delta = (probs * grad_logits).sum(dim=2, keepdim=True)
+    grad_logits.sub_(delta).mul_(probs)
+    grad_q = _weighted_sum(grad_logits, windows, k)
+    grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
     for ty in range(kernel_size):
-        weights = probs[:, :, :, ty * kernel_size : (ty + 1) * kernel_size]
-        out = out + (weights * window_row(v, ty)).sum(3)
-    return out
-
-
-class _LocalAttentionLoop(Function):
-    """Any-device implementation looping over the window offsets."""
-
-    @staticmethod
-    def forward(
-        ctx, q: Tensor, k: Tensor, v: Tensor, kernel_size: int, stride: int
-    ) -> Tensor:
-        ho, wo = q.shape[-2:]
-        rows = _padded_sources(k.shape[2], ho, kernel_size, stride, q.device)
-        cols = _padded_sources(k.shape[3], wo, kernel_size, stride, q.device)
-        key_padded = k.index_select(2, rows).index_select(3, cols)
-        logits = _logits(q, key_padded, kernel_size, stride)
-        del key_padded
-        lse = torch.logsumexp(logits, dim=1, keepdim=True)
-        probs = torch.exp(logits.sub_(lse))
-        value_padded = v.index_select(2, rows).index_select(3, cols)
-        out = torch.zeros_like(q)
-        for t in range(kernel_size**2):
-            window = _window(
-                value_padded,
-                t // kernel_size,
-                t % kernel_size,
-                (ho, wo),
-                stride,
-            )
-            out.addcmul_(probs[:, t : t + 1], window)
-        ctx.save_for_backward(q, k, v, lse)
-        ctx.geometry = (kernel_size, stride)
-        return out
-
-    @staticmethod
-    @once_differentiable  # double backward raises instead of returning 0
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, lse = ctx.saved_tensors
-        kernel_size, stride = ctx.geometry
-        grad_out = grad_out.contiguous()
-        n, d, h, w = k.shape
-        ho, wo = q.shape[-2:]
-        rows = _padded_sources(h, ho, kernel_size, stride, q.device)
-        cols = _padded_sources(w, wo, kernel_size, stride, q.device)
-        key_padded = k.index_select(2, rows).index_select(3, cols)
-        value_padded = v.index_select(2, rows).index_select(3, cols)
-        probs = _logits(q, key_padded, kernel_size, stride).sub_(lse).exp_()
-        # d(loss)/d(prob_t) = grad_out . v_t, then the softmax Jacobian.
-        grad_logits = _logits(grad_out, value_padded, kernel_size, stride)
-        dots = (probs * grad_logits).sum(dim=1, keepdim=True)
-        grad_logits.sub_(dots).mul_(probs)
-
-        grad_q = torch.zeros_like(q)
-        grad_key_padded = torch.zeros_like(key_padded)
-        grad_value_padded = torch.zeros_like(value_padded)
-        for t in range(kernel_size**2):
-            ty, tx = divmod(t, kernel_size)
-            grad_t = grad_logits[:, t : t + 1]
-            grad_q.addcmul_(
-                grad_t, _window(key_padded, ty, tx, (ho, wo), stride)
-            )
-            _window(grad_key_padded, ty, tx, (ho, wo), stride).addcmul_(
-                grad_t, q
-            )
-            _window(grad_value_padded, ty, tx, (ho, wo), stride).addcmul_(
-                probs[:, t : t + 1], grad_out
-            )
-
-        def unpad(grad_padded: Tensor) -> Tensor:
-            # Every padded position adds onto the input position it copied.
-            by_rows = grad_padded.new_zeros(n, d, h, grad_padded.shape[3])
-            by_rows.index_add_(2, rows, grad_padded)
-            return grad_padded.new_zeros(n, d, h, w).index_add_(
-                3, cols, by_rows
-            )
-
-        return (
-            grad_q,
-            unpad(grad_key_padded),
-            unpad(grad_value_padded),
-            None,
-            None,
+        taps = slice(ty * kernel_size, (ty + 1) * kernel_size)
+        windows.scatter_add_(
+            grad_k, grad_logits[:, None, :, taps] * q.unsqueeze(3), ty
         )
-
-
-class _LocalAttentionNative(Function):
-    """CPU implementation calling the compiled kernel."""
-
-    @staticmethod
-    def forward(
-        ctx, q: Tensor, k: Tensor, v: Tensor, kernel_size: int, stride: int
-    ) -> Tensor:
-        out, lse = _ext.local_attention_forward(q, k, v, kernel_size, stride)
-        ctx.save_for_backward(q, k, v, lse)
-        ctx.geometry = (kernel_size, stride)
-        return out
-
-    @staticmethod
-    @once_differentiable  # double backward raises instead of returning 0
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, lse = ctx.saved_tensors
-        kernel_size, stride = ctx.geometry
-        grad_q, grad_k, grad_v = _ext.local_attention_backward(
-            grad_out.contiguous(), q, k, v, lse, kernel_size, stride
+        windows.scatter_add_(
+            grad_v, probs[:, None, :, taps] * grad_out.unsqueeze(3), ty
         )
-        return grad_q, grad_k, grad_v, None, None
+    return grad_q, grad_k, grad_v
+
+
+def _native_forward(
+    q: Tensor, k: Tensor, v: Tensor, kernel_size: int, stride: int
+) -> tuple[Tensor, Tensor]:
+    work = _work_dtype(q.dtype)
+    q, k, v = (x.to(work).contiguous() for x in (q, k, v))
+    return tuple(_ext.local_attention_forward(q, k, v, kernel_size, stride))
+
+
+def _native_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lse: Tensor,
+    kernel_size: int,
+    stride: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    work = _work_dtype(q.dtype)
+    grad_out, q, k, v = (x.to(work).contiguous() for x in (grad_out, q, k, v))
+    return tuple(
+        _ext.local_attention_backward(
+            grad_out, q, k, v, lse, kernel_size, stride
+        )
+    )
+
+
+def _triton_forward(q, k, v, kernel_size, stride):
+    return _triton_kernels().forward(q, k, v, kernel_size, stride)
+
+
+def _triton_backward(grad_out, q, k, v, lse, kernel_size, stride):
+    return _triton_kernels().backward(
+        grad_out, q, k, v, lse, kernel_size, stride
+    )
+
+
+_FORWARD = {
+    'native': _native_forward,
+    'triton': _triton_forward,
+    'pytorch': _pytorch_forward,
+}
+_BACKWARD = {
+    'native': _native_backward,
+    'triton': _triton_backward,
+    'pytorch': _pytorch_backward,
+}
+
+
+def _resolve(impl: str, device: torch.device) -> str:
+    """The implementation that ``impl`` means for tensors on ``device``.
+
+    Raises:
+        RuntimeError: If a forced implementation cannot run there.
+    """
+    if impl == 'auto':
+        if device.type == 'cpu' and _ext is not None:
+            return 'native'
+        if device.type == 'cuda' and triton_available('cuda'):
+            return 'triton'
+        return 'pytorch'
+    if impl == 'native' and (_ext is None or device.type != 'cpu'):
+        raise RuntimeError(
+            'the compiled local attention needs CPU tensors and a build of '
+            f'mmacmix with its extension ({_EXT_ERROR or "CPU only"})'
+        )
+    if impl == 'triton' and not triton_available(device):
+        raise RuntimeError(
+            'the Triton local attention needs triton and CUDA tensors, or '
+            'CPU tensors with TRITON_INTERPRET=1 set before mmacmix first '
+            f'ran it; got {device.type} tensors, triton '
+            f'{"present" if _triton_kernels() else "not installed"}'
+        )
+    return impl
+
+
+@torch.library.custom_op('mmacmix::local_attention', mutates_args=())
+def _forward_op(
+    q: Tensor, k: Tensor, v: Tensor, kernel_size: int, stride: int, impl: str
+) -> tuple[Tensor, Tensor]:
+    """Output ``(N, D, Ho, Wo)`` in q's dtype and the log-sum-exp ``(N, Ho,
+    Wo)`` of the logits, in float32 (float64 for float64 inputs)."""
+    out, lse = _FORWARD[_resolve(impl, q.device)](q, k, v, kernel_size, stride)
+    return out.to(q.dtype), lse
+
+
+@_forward_op.register_fake
+def _(q, k, v, kernel_size, stride, impl):
+    lse_shape = (q.shape[0], *q.shape[2:])
+    return torch.empty_like(q), q.new_empty(
+        lse_shape, dtype=_work_dtype(q.dtype)
+    )
+
+
+@torch.library.custom_op('mmacmix::local_attention_backward', mutates_args=())
+def _backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lse: Tensor,
+    kernel_size: int,
+    stride: int,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of q, k and v, each in its input's dtype."""
+    grads = _BACKWARD[_resolve(impl, q.device)](
+        grad_out, q, k, v, lse, kernel_size, stride
+    )
+    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, lse, kernel_size, stride, impl):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, kernel_size, stride, impl = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.geometry = (kernel_size, stride, impl)
+
+
+def _backward(ctx, grad_out: Tensor, grad_lse: Tensor):
+    # The log-sum-exp is an internal output: nothing differentiates it.
+    q, k, v, lse = ctx.saved_tensors
+    grads = _backward_op(grad_out, q, k, v, lse, *ctx.geometry)
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd(
+    'mmacmix::local_attention', _backward, setup_context=_setup_context
+)
 
 
 def _check(
@@ -287,6 +390,21 @@ def _check(
             raise TypeError(f'floating-point inputs expected, got {x.dtype}')
 
 
+def _warn_fallback_once() -> None:
+    global _warned_fallback
+    if _warned_fallback:
+        return
+    _warned_fallback = True
+    warnings.warn(
+        'mmacmix was installed without its compiled extension '
+        f'({_EXT_ERROR}); local attention falls back to a much slower '
+        'PyTorch loop. Reinstall mmacmix with torch importable and a C++ '
+        'compiler present (pip install --no-build-isolation ...) to '
+        'build it.',
+        stacklevel=3,
+    )
+
+
 def local_attention(
     q: Tensor,
     k: Tensor,
@@ -313,51 +431,34 @@ def local_attention(
         v (Tensor): Values, ``(N, D, H, W)``.
         kernel_size (int): Odd window size. Defaults to 7.
         stride (int): Step between window centres. Defaults to 1.
-        impl (str): ``'auto'`` uses the compiled kernel for CPU tensors when
-            it is built and the PyTorch loop otherwise; ``'native'`` and
-            ``'pytorch'`` force one (for tests and benchmarks).
+        impl (str): ``'auto'`` runs the compiled kernel on CPU tensors, the
+            Triton kernels on CUDA tensors, and the PyTorch loop elsewhere
+            or when those are missing. ``'native'``, ``'triton'`` and
+            ``'pytorch'`` force one; ``'triton'`` also runs CPU tensors in
+            Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
+            mmacmix first used it (for tests without a GPU).
             Defaults to ``'auto'``.
 
     Returns:
-        Tensor: ``(N, D, Ho, Wo)``, in the dtype of ``q``.  float32 and
-        float64 are computed as they are, other floating dtypes in float32.
+        Tensor: ``(N, D, Ho, Wo)``, in the dtype of ``q`` (k and v are cast
+        to it).  float64 is computed in float64, every other floating dtype
+        with float32 accumulation.
     """
-    global _warned_fallback
-    if impl not in _IMPLS:
-        raise ValueError(f'impl must be one of {_IMPLS}, got {impl!r}')
+    if impl not in IMPLS:
+        raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
     if not torch.jit.is_tracing():  # traced sizes cannot be compared
         _check(q, k, v, kernel_size, stride)
-    dtype = q.dtype
-    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    inputs: list[Tensor] = [x.to(work).contiguous() for x in (q, k, v)]
-
-    on_cpu = q.device.type == 'cpu'
-    if impl == 'native' and (_ext is None or not on_cpu):
-        raise RuntimeError(
-            'the compiled local attention needs CPU tensors and a build of '
-            f'mmacmix with its extension ({_EXT_ERROR or "CPU only"})'
-        )
+    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        # Raises early, with the reason, for a forced impl that cannot run.
+        _resolve(impl, q.device)
+    k, v = k.to(q.dtype), v.to(q.dtype)
     if torch.onnx.is_in_onnx_export():
-        out = _local_attention_graph(*inputs, kernel_size, stride)
-        return out.to(dtype)
-    # A tracer cannot see into the compiled kernel; the loop's function is
-    # made of ordinary operators (and FLOP counters recognise it).
-    native = impl == 'native' or (
-        impl == 'auto'
-        and on_cpu
-        and _ext is not None
-        and not torch.jit.is_tracing()
-    )
-    if impl == 'auto' and on_cpu and _ext is None and not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn(
-            'mmacmix was installed without its compiled extension '
-            f'({_EXT_ERROR}); local attention falls back to a much slower '
-            'PyTorch loop. Reinstall mmacmix with torch importable and a C++ '
-            'compiler present (pip install --no-build-isolation ...) to '
-            'build it.',
-            stacklevel=2,
+        work = _work_dtype(q.dtype)
+        out = _local_attention_graph(
+            q.to(work), k.to(work), v.to(work), kernel_size, stride
         )
-    function = _LocalAttentionNative if native else _LocalAttentionLoop
-    out = function.apply(*inputs, kernel_size, stride)
-    return out.to(dtype)
+        return out.to(q.dtype)
+    if impl == 'auto' and q.device.type == 'cpu' and _ext is None:
+        _warn_fallback_once()
+    out, _ = _forward_op(q, k, v, kernel_size, stride, impl)
+    return out

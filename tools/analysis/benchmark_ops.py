@@ -1,11 +1,13 @@
 """Time and memory of ACmix with the fast local attention, side by side.
 
-For each feature-map shape (the stage sizes of an 800 x 1216 detection
-input by default) three cases run forward + backward:
+For each feature-map shape (the four ResNet-50 stage sizes of an
+800 x 1216 detection input, batch 1 on the CPU and 2 on CUDA by default)
+three cases run forward + backward:
 
 * ``conv``: a plain ``nn.Conv2d(C, C, 3, padding=1, bias=False)``;
 * ``acmix``: :class:`mmacmix.models.ACmix` (heads 4, window 7) as the
-  package ships it, its attention on :func:`mmacmix.ops.local_attention`;
+  package ships it, its attention on :func:`mmacmix.ops.local_attention`
+  (the compiled kernel on CPU, the Triton kernels on CUDA);
 * ``reference``: the same module with its attention replaced, inside this
   script only, by the official computation (reflection pad, ``unfold`` of
   the 49 neighbours of keys and values, softmax, weighted sum).  The
@@ -19,32 +21,37 @@ input as q, k and v) with the fast function and the unfold computation.
 A third table compares X-volution's training form (``xvolution``) with its
 deployed single-operator form (``xvolution-deploy``), both in eval mode.
 
-``--backbone`` adds a whole ACmix-ResNet-50 at 1 x 3 x 512 x 512 (fast and
-reference) and a plain ResNet-50 for scale.
+``--backbone`` adds whole backbones (1 x 3 x 512 x 512 on CPU,
+2 x 3 x 800 x 1216 on CUDA): ACmix-ResNet-50 (fast and reference) against
+a plain ResNet-50 on the same code, and ACmix-Swin-T against torchvision's
+Swin-T.  None of the cases needs mmcv's compiled ops.  ``--autocast
+float16`` runs every forward under ``torch.autocast``.
 
-Time: the median of ``--repeats`` forward + backward passes after
-``--warmup`` untimed ones, on one process with the default thread count.
-The first two cases of a row (the baseline and the fast op) take turns,
-one timed pass each per round, so that their ratio compares passes run
-side by side; the reference is timed after them. Gradients are dropped
-between passes.
+Time: the median of ``--repeats`` forward + backward passes (5 on CPU, 20
+on CUDA by default) after ``--warmup`` untimed ones, each bracketed by
+``torch.cuda.synchronize()`` on CUDA.  The first two cases of a row (the
+baseline and the fast op) take turns, one timed pass each per round, so
+that their ratio compares passes run side by side; the reference is timed
+after them. Gradients are dropped between passes.
 
-Memory: the peak extra memory of one forward + backward.  On CPU every
-case runs in a fresh child process (no allocator cache left over from other
-cases): the module, input and output gradient are built, one pass runs on a
-quarter-size input to initialise thread pools and kernels, then the
-process's peak-RSS mark is reset (``/proc/self/clear_refs``) and the peak
-resident memory reached during one full-size pass (``VmHWM``), minus the
-resident memory just before it, is reported.  It counts activations kept
-for the backward, temporaries, gradients and outputs; not the weights or
-the input.  Without ``clear_refs`` (not Linux) memory is not reported.  On
-CUDA it is ``max_memory_allocated`` minus ``memory_allocated`` before the
-pass, after ``reset_peak_memory_stats``.
+Memory: the peak extra memory of one forward + backward, each case in a
+fresh child process (no allocator cache left over from other cases): the
+module, input and output gradient are built, one pass runs on a
+quarter-size input to initialise thread pools and kernels, then the peak
+during one full-size pass, minus the memory in use just before it, is
+reported.  On CUDA that is ``max_memory_allocated`` after
+``reset_peak_memory_stats``.  On CPU it is the process's peak resident
+memory (``VmHWM``, its mark reset through ``/proc/self/clear_refs``) minus
+the resident memory before the pass; without ``clear_refs`` (not Linux)
+memory is not reported.  It counts activations kept for the backward,
+temporaries, gradients and outputs; not the weights or the input.
 
 Usage::
 
-    python tools/analysis/benchmark_ops.py [--quick] [--backbone]
-        [--device cpu|cuda] [--repeats 5] [--warmup 2]
+    python tools/analysis/benchmark_ops.py [--device cpu|cuda] [--quick]
+        [--tables acmix attention xvolution] [--backbone [resnet swin]]
+        [--autocast none|float16|bfloat16] [--batch N] [--repeats N]
+        [--warmup N]
 """
 
 import argparse
@@ -62,23 +69,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmacmix.models import ACmix, ACmixResNet, XVolution
+from mmacmix.models import ACmix, ACmixResNet, ACmixSwinTransformer, XVolution
 from mmacmix.models import acmix as acmix_module
 from mmacmix.models.resnet import Bottleneck, PluggableResNet
-from mmacmix.ops import local_attention, native_available
+from mmacmix.ops import local_attention, native_available, triton_available
 
-# Stage sizes of an 800 x 1216 input: strides 4, 8, 16, 32.
-SHAPES = [
-    (1, 64, 200, 304),
-    (1, 128, 100, 152),
-    (1, 256, 50, 76),
-    (1, 512, 25, 38),
-]
-QUICK_SHAPES = SHAPES[2:]
-BACKBONE_SHAPE = (1, 3, 512, 512)
+# Stage sizes (channels, height, width) of an 800 x 1216 input: strides 4,
+# 8, 16, 32; the batch comes from --batch.
+STAGES = [(64, 200, 304), (128, 100, 152), (256, 50, 76), (512, 25, 38)]
+# Whole backbones: a CPU-sized input, and the detection input on CUDA.
+BACKBONE_SHAPES = {'cpu': (1, 3, 512, 512), 'cuda': (2, 3, 800, 1216)}
 OP_CASES = ('conv', 'acmix', 'reference')
 ATTENTION_CASES = ('conv', 'attention', 'attention-reference')
-BACKBONE_CASES = ('resnet50', 'acmix-r50', 'acmix-r50-reference')
+BACKBONE_TABLES = {
+    'resnet': ('resnet50', 'acmix-r50', 'acmix-r50-reference'),
+    'swin': ('swin-t', 'acmix-swin-t'),
+}
 # Both X-volution forms in eval mode, where they compute the same function
 # (the deploy form folds the branch norms' running statistics).
 XVOLUTION_CASES = ('conv', 'xvolution', 'xvolution-deploy')
@@ -177,6 +183,13 @@ def build_case(
         module = PlainResNet(depth=50)
     elif case in ('acmix-r50', 'acmix-r50-reference'):
         module = ACmixResNet(depth=50)
+    elif case == 'swin-t':
+        # torchvision's Swin-T: a plain Swin that needs no mmcv ops.
+        from torchvision.models import swin_t
+
+        module = swin_t().features
+    elif case == 'acmix-swin-t':
+        module = ACmixSwinTransformer(arch='tiny')
     else:
         raise ValueError(f'unknown case {case!r}')
     module = module.to(device).train()
@@ -188,11 +201,17 @@ def build_case(
     return module, x, contextlib.nullcontext
 
 
-def forward_backward(module: nn.Module, x: Tensor) -> Tensor:
-    """One training pass; returns the (first) output, detached."""
+def forward_backward(
+    module: nn.Module, x: Tensor, autocast: torch.dtype | None = None
+) -> Tensor:
+    """One training pass, the forward under ``autocast`` if given; returns
+    the (first) output, detached."""
     module.zero_grad(set_to_none=True)
     x.grad = None
-    out = module(x)
+    with torch.autocast(
+        x.device.type, dtype=autocast, enabled=autocast is not None
+    ):
+        out = module(x)
     outs = out if isinstance(out, (tuple, list)) else [out]
     # A sum's gradient is an expanded scalar: it allocates nothing.
     sum(o.sum() for o in outs).backward()
@@ -210,6 +229,7 @@ def time_cases(
     device: str,
     repeats: int,
     warmup: int,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, tuple[float, Tensor]]:
     """Median seconds of forward + backward of each case, and its output.
 
@@ -222,7 +242,7 @@ def time_cases(
     for case, (module, x, context) in built.items():
         with context() as calls:
             for _ in range(warmup):
-                outputs[case] = forward_backward(module, x)
+                outputs[case] = forward_backward(module, x, autocast)
         if calls is not None and not calls:
             raise RuntimeError(
                 'the reference attention never ran: was ACmix '
@@ -233,7 +253,7 @@ def time_cases(
             with context():
                 synchronize(device)
                 start = time.perf_counter()
-                forward_backward(module, x)
+                forward_backward(module, x, autocast)
                 synchronize(device)
                 times[case].append(time.perf_counter() - start)
     return {
@@ -250,14 +270,17 @@ def _status_kb(field: str) -> int:
 
 
 def measure_memory_here(
-    case: str, shape: tuple[int, ...], device: str
+    case: str,
+    shape: tuple[int, ...],
+    device: str,
+    autocast: torch.dtype | None = None,
 ) -> float | None:
     """Peak extra MiB of one pass, in this process (see module docstring)."""
     small = (*shape[:2], *(max(1, math.ceil(s / 2)) for s in shape[2:]))
     module, x_small, context = build_case(case, small, device)
     x = torch.randn(shape, device=device, requires_grad=True)
     with context():
-        forward_backward(module, x_small)
+        forward_backward(module, x_small, autocast)
         module.zero_grad(set_to_none=True)
         del x_small
         gc.collect()
@@ -265,7 +288,7 @@ def measure_memory_here(
             synchronize(device)
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            forward_backward(module, x)
+            forward_backward(module, x, autocast)
             synchronize(device)
             return (torch.cuda.max_memory_allocated() - before) / 2**20
         try:
@@ -274,21 +297,27 @@ def measure_memory_here(
         except OSError:
             return None
         before = _status_kb('VmRSS')
-        forward_backward(module, x)
+        forward_backward(module, x, autocast)
         return (_status_kb('VmHWM') - before) / 1024
 
 
 def measure_memory(
-    case: str, shape: tuple[int, ...], device: str
+    case: str, shape: tuple[int, ...], args: argparse.Namespace
 ) -> float | None:
     """Runs :func:`measure_memory_here` in a fresh child process."""
+    spec = {
+        'case': case,
+        'shape': shape,
+        'device': args.device,
+        'autocast': args.autocast,
+    }
     command = [
         sys.executable,
         __file__,
         '--threads',
         str(torch.get_num_threads()),
         '--child-memory',
-        json.dumps({'case': case, 'shape': shape, 'device': device}),
+        json.dumps(spec),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -304,28 +333,31 @@ def run_shape(
     # The reference, slow and gigabytes large, is timed apart: between the
     # passes of the two closest cases it would flush the caches and the
     # allocator's free memory for both.
+    autocast = AUTOCAST[args.autocast]
     timed = {
         case: result
         for group in (cases[:2], cases[2:])
+        if group
         for case, result in time_cases(
-            group, shape, args.device, args.repeats, args.warmup
+            group, shape, args.device, args.repeats, args.warmup, autocast
         ).items()
     }
     for case, (seconds, _) in timed.items():
         row[case] = {
             'seconds': seconds,
-            'mib': measure_memory(case, shape, args.device),
+            'mib': measure_memory(case, shape, args),
         }
-        print(f'  {row["shape"]} {case}: {seconds * 1e3:.0f} ms', flush=True)
-    fast, reference = timed[cases[1]][1], timed[cases[2]][1]
-    row['max_abs_diff'] = (fast - reference).abs().max().item()
+        print(f'  {row["shape"]} {case}: {seconds * 1e3:.1f} ms', flush=True)
+    if len(cases) == 3:
+        fast, reference = timed[cases[1]][1], timed[cases[2]][1]
+        row['max_abs_diff'] = (fast - reference).abs().max().item()
     return row
 
 
 def ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b <= 0:
         return 'n/a'
-    return f'{a / b:.1f}x'
+    return f'{a / b:.2f}x'
 
 
 def mib(value: float | None) -> str:
@@ -333,16 +365,20 @@ def mib(value: float | None) -> str:
 
 
 def print_table(rows: list[dict], cases: tuple[str, ...]) -> None:
-    """Prints times (ms), memory (MiB) and ratios, one row per shape."""
-    base, fast, reference = cases
+    """Prints times (ms), memory (MiB) and ratios, one row per shape.
+
+    ``cases`` are a baseline, the fast op and, optionally, its reference.
+    """
+    base, fast, *reference = cases
     header = [
         'shape',
         *(f'{case} ms' for case in cases),
         f'{fast}/{base}',
-        f'{reference}/{fast}',
+        *(f'{case}/{fast}' for case in reference),
         *(f'{case} MiB' for case in cases),
-        f'mem {reference}/{fast}',
-        'max|diff|',
+        f'mem {fast}/{base}',
+        *(f'mem {case}/{fast}' for case in reference),
+        *(['max|diff|'] if reference else []),
     ]
     table = [header]
     for row in rows:
@@ -351,12 +387,13 @@ def print_table(rows: list[dict], cases: tuple[str, ...]) -> None:
         table.append(
             [
                 row['shape'],
-                *(f'{seconds * 1e3:.0f}' for seconds in t),
+                *(f'{seconds * 1e3:.1f}' for seconds in t),
                 ratio(t[1], t[0]),
-                ratio(t[2], t[1]),
+                *(ratio(t[2], t[1]) for _ in reference),
                 *(mib(value) for value in m),
-                ratio(m[2], m[1]),
-                f'{row["max_abs_diff"]:.1e}',
+                ratio(m[1], m[0]),
+                *(ratio(m[2], m[1]) for _ in reference),
+                *([f'{row["max_abs_diff"]:.1e}'] if reference else []),
             ]
         )
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -366,17 +403,34 @@ def print_table(rows: list[dict], cases: tuple[str, ...]) -> None:
             print('-+-'.join('-' * w for w in widths))
 
 
+AUTOCAST = {'none': None, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument(
+        '--batch',
+        type=int,
+        help='batch of the op shapes (default: 1 on cpu, 2 on cuda)',
+    )
+    parser.add_argument(
+        '--autocast',
+        default='none',
+        choices=sorted(AUTOCAST),
+        help='run the forward passes under torch.autocast of this dtype',
+    )
     parser.add_argument(
         '--quick', action='store_true', help='only the two smallest shapes'
     )
     parser.add_argument(
         '--backbone',
-        action='store_true',
-        help='add ACmix-ResNet-50 (fast and reference) and ResNet-50 at '
-        '1x3x512x512',
+        nargs='*',
+        choices=sorted(BACKBONE_TABLES),
+        help='whole backbones, forward + backward at 1x3x512x512 on cpu and '
+        '2x3x800x1216 on cuda: ACmix-ResNet-50 (fast and reference) against '
+        'a plain ResNet-50 on the same code (resnet), ACmix-Swin-T against '
+        "torchvision's Swin-T (swin); no name: all",
     )
     parser.add_argument(
         '--threads', type=int, help='torch threads (default: torch default)'
@@ -389,13 +443,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='which tables to run (default: all; none with --backbone for '
         'the backbone alone)',
     )
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument(
+        '--repeats', type=int, help='timed passes (default: 5 cpu, 20 cuda)'
+    )
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--child-memory', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 1:
-        parser.error('--repeats and --warmup must be >= 1')
-    if args.device == 'cuda' and not torch.cuda.is_available():
+    on_cuda = args.device == 'cuda'
+    if args.repeats is None:
+        args.repeats = 20 if on_cuda else 5
+    if args.batch is None:
+        args.batch = 2 if on_cuda else 1
+    if args.repeats < 1 or args.warmup < 1 or args.batch < 1:
+        parser.error('--repeats, --warmup and --batch must be >= 1')
+    if args.backbone == []:
+        args.backbone = sorted(BACKBONE_TABLES)
+    if on_cuda and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device')
     return args
 
@@ -410,28 +473,42 @@ def main(argv: list[str] | None = None) -> None:
     if args.child_memory:
         spec = json.loads(args.child_memory)
         value = measure_memory_here(
-            spec['case'], tuple(spec['shape']), spec['device']
+            spec['case'],
+            tuple(spec['shape']),
+            spec['device'],
+            AUTOCAST[spec['autocast']],
         )
         print(json.dumps({'mib': value}))
         return
 
+    kernel = {
+        'cpu': f'compiled C++: {native_available()}',
+        'cuda': f'Triton: {triton_available("cuda")}',
+    }[args.device]
+    device_name = (
+        torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'
+    )
     print(
-        f'torch {torch.__version__}, device {args.device}, '
-        f'{torch.get_num_threads()} threads, compiled local attention: '
-        f'{native_available()}; median of {args.repeats} forward+backward '
-        f'after {args.warmup} warm-up',
+        f'torch {torch.__version__}, {device_name}, '
+        f'{torch.get_num_threads()} threads, local attention kernel '
+        f'{kernel}; autocast {args.autocast}; median of {args.repeats} '
+        f'forward+backward after {args.warmup} warm-up',
         flush=True,
     )
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = [(args.batch, *stage) for stage in STAGES]
+    if args.quick:
+        shapes = shapes[2:]
     for cases in (TABLES[name] for name in args.tables):
         rows = [run_shape(shape, cases, args) for shape in shapes]
         print()
         print_table(rows, cases)
         print()
-    if args.backbone:
-        backbone = [run_shape(BACKBONE_SHAPE, BACKBONE_CASES, args)]
+    for name in args.backbone or []:
+        cases = BACKBONE_TABLES[name]
+        rows = [run_shape(BACKBONE_SHAPES[args.device], cases, args)]
         print()
-        print_table(backbone, BACKBONE_CASES)
+        print_table(rows, cases)
+        print()
 
 
 if __name__ == '__main__':

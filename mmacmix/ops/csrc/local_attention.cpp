@@ -19,16 +19,10 @@
 
 #include <ATen/Parallel.h>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <exception>
 #include <type_traits>
 #include <vector>
 
@@ -686,39 +680,18 @@ MMACMIX_ENTRY_POINTS(double, f64)
 // its own Scratch from make().  With OpenMP, chunks are handed out
 // dynamically: on a busy machine a descheduled thread then delays the
 // others by one small chunk, not by a whole static share.
+// Runs rows [0, total) on PyTorch's thread pool (sharing its threads and
+// torch.set_num_threads), one scratch per task.  Rows are split into
+// several chunks per thread; inside a parallel region this runs inline.
 template <typename Make, typename Run>
 void parallel_rows(int64_t total, const Make& make, const Run& run) {
   if (total <= 0) return;
-#if defined(_OPENMP)
-  at::internal::lazy_init_num_threads();
-  const int64_t threads =
-      at::in_parallel_region() || omp_in_parallel() ? 1 : at::get_num_threads();
-  const int64_t chunk = std::max<int64_t>(1, total / (8 * threads));
-  const int64_t chunks = (total + chunk - 1) / chunk;
-  std::exception_ptr error;
-  std::atomic<bool> failed(false);
-#pragma omp parallel num_threads(static_cast<int>(threads)) if (threads > 1)
-  {
-    try {
-      auto scratch = make();
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t c = 0; c < chunks; ++c) {
-        if (!failed.load()) {
-          run(scratch, c * chunk, std::min(total, (c + 1) * chunk));
-        }
-      }
-    } catch (...) {
-#pragma omp critical(mmacmix_error)
-      if (!failed.exchange(true)) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
-#else
-  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain =
+      std::max<int64_t>(1, total / (4 * at::get_num_threads()));
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
     auto scratch = make();
     run(scratch, begin, end);
   });
-#endif
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k,
