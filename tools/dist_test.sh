@@ -5,6 +5,8 @@
 #
 # Several machines: NNODES, NODE_RANK, MASTER_ADDR and PORT as for
 # tools/dist_train.sh.
+# PYTHON: the interpreter (default: the environment tools/install.sh made,
+# see tools/find_python.sh).
 set -euo pipefail
 if [ $# -lt 3 ]; then
     echo "usage: $0 CONFIG CHECKPOINT NPROC [tools/test.py options...]" >&2
@@ -15,7 +17,9 @@ checkpoint=$2
 nproc=$3
 shift 3
 here=$(cd "$(dirname "$0")" && pwd)
-exec "${PYTHON:-python}" -m torch.distributed.run \
+# shellcheck source=find_python.sh
+. "$here/find_python.sh"
+exec "$python" -m torch.distributed.run \
     --nnodes="${NNODES:-1}" \
     --node_rank="${NODE_RANK:-0}" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" \

@@ -6,6 +6,8 @@
 # NPROC processes per machine (GPUs, or CPU processes on a CPU-only torch,
 # which then use gloo). For several machines run the same command on each,
 # with the same MASTER_ADDR and PORT and NNODES, and NODE_RANK = 0..NNODES-1.
+# PYTHON: the interpreter (default: the environment tools/install.sh made,
+# see tools/find_python.sh).
 set -euo pipefail
 if [ $# -lt 2 ]; then
     echo "usage: $0 CONFIG NPROC [tools/train.py options...]" >&2
@@ -15,7 +17,9 @@ config=$1
 nproc=$2
 shift 2
 here=$(cd "$(dirname "$0")" && pwd)
-exec "${PYTHON:-python}" -m torch.distributed.run \
+# shellcheck source=find_python.sh
+. "$here/find_python.sh"
+exec "$python" -m torch.distributed.run \
     --nnodes="${NNODES:-1}" \
     --node_rank="${NODE_RANK:-0}" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" \

@@ -6,6 +6,8 @@
 #
 # Environment: GPUS (tasks in all, default 8), GPUS_PER_NODE (default 8),
 # CPUS_PER_TASK (default 5), SRUN_ARGS (more srun options, e.g. a quota).
+# PYTHON: the interpreter (default: the environment tools/install.sh made,
+# see tools/find_python.sh).
 set -euo pipefail
 if [ $# -lt 3 ]; then
     echo "usage: $0 PARTITION JOB_NAME CONFIG [WORK_DIR] [options...]" >&2
@@ -23,6 +25,13 @@ fi
 gpus=${GPUS:-8}
 gpus_per_node=${GPUS_PER_NODE:-8}
 here=$(cd "$(dirname "$0")" && pwd)
+if ! command -v srun >/dev/null; then
+    echo "error: srun not found; $0 submits to a Slurm cluster." \
+        "Elsewhere use tools/dist_*.sh or the Python tools." >&2
+    exit 1
+fi
+# shellcheck source=find_python.sh
+. "$here/find_python.sh"
 # shellcheck disable=SC2086  # SRUN_ARGS holds several words on purpose
 exec srun -p "$partition" \
     --job-name="$job_name" \
@@ -32,5 +41,5 @@ exec srun -p "$partition" \
     --cpus-per-task="${CPUS_PER_TASK:-5}" \
     --kill-on-bad-exit=1 \
     ${SRUN_ARGS:-} \
-    "${PYTHON:-python}" -u "$here/train.py" "$config" "${work_dir[@]}" \
+    "$python" -u "$here/train.py" "$config" "${work_dir[@]}" \
     --launcher slurm "$@"

@@ -2,9 +2,11 @@
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR]
         [--metrics-out FILE.json] [--cfg-options KEY=VALUE ...]
-        [--launcher {none,pytorch,slurm}]
+        [--launcher {none,pytorch,slurm}] [--non-strict] [--debug]
 
-The metrics are logged and printed as one JSON line at the end.
+The metrics are logged and printed as one JSON line at the end. CHECKPOINT
+must fit the config's model exactly (mmdet's test script loads whatever
+fits); --non-strict loads it anyway, logging the keys that do not fit.
 """
 
 import argparse
@@ -15,6 +17,7 @@ from mmengine.dist import get_rank
 from mmacmix.apis import test
 from mmacmix.apis.dist import LAUNCHERS
 from mmacmix.apis.runner import DictAction
+from mmacmix.cli import add_debug_flag, exit_on_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,19 +36,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument('--launcher', choices=LAUNCHERS, default='none')
     parser.add_argument('--local-rank', '--local_rank', type=int, default=0)
+    parser.add_argument(
+        '--non-strict',
+        action='store_true',
+        help='evaluate CHECKPOINT even if its keys do not fit the model '
+        '(those that do not are logged as a warning)',
+    )
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    metrics = test(
-        args.config,
-        args.checkpoint,
-        work_dir=args.work_dir,
-        cfg_options=args.cfg_options,
-        launcher=args.launcher,
-        metrics_out=args.metrics_out,
-    )
+    with exit_on_error(args.debug):
+        metrics = test(
+            args.config,
+            args.checkpoint,
+            work_dir=args.work_dir,
+            cfg_options=args.cfg_options,
+            launcher=args.launcher,
+            metrics_out=args.metrics_out,
+            strict=not args.non_strict,
+        )
     if get_rank() == 0:
         print('metrics: ' + json.dumps(metrics, sort_keys=True))
 

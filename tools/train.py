@@ -2,6 +2,7 @@
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
         [--cfg-options KEY=VALUE ...] [--launcher {none,pytorch,slurm}]
+        [--non-strict] [--debug]
 
 The config's default_scope (mmdet or mmseg) decides which codebase is used.
 For several processes use tools/dist_train.sh or tools/slurm_train.sh.
@@ -14,6 +15,7 @@ from mmengine.runner import Runner
 from mmacmix.apis import train
 from mmacmix.apis.dist import LAUNCHERS
 from mmacmix.apis.runner import DictAction
+from mmacmix.cli import add_debug_flag, exit_on_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,19 +45,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--launcher', choices=LAUNCHERS, default='none')
     # torch.distributed.launch passes --local-rank; torchrun sets env vars.
     parser.add_argument('--local-rank', '--local_rank', type=int, default=0)
+    parser.add_argument(
+        '--non-strict',
+        action='store_true',
+        help='resume even if the checkpoint does not fit the model exactly '
+        '(the keys that do not are logged as a warning)',
+    )
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Runner:
     args = parse_args(argv)
-    return train(
-        args.config,
-        work_dir=args.work_dir,
-        resume=args.resume or False,
-        amp=args.amp,
-        cfg_options=args.cfg_options,
-        launcher=args.launcher,
-    )
+    with exit_on_error(args.debug):
+        return train(
+            args.config,
+            work_dir=args.work_dir,
+            resume=args.resume or False,
+            amp=args.amp,
+            cfg_options=args.cfg_options,
+            launcher=args.launcher,
+            strict=not args.non_strict,
+        )
 
 
 if __name__ == '__main__':

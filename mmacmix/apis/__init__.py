@@ -5,6 +5,7 @@ from .hooks import AtomicCheckpointHook, ExactResumeHook
 from .runner import (
     allow_full_checkpoint_loading,
     build_runner,
+    check_checkpoint,
     load_config,
     test,
     train,
@@ -15,6 +16,7 @@ __all__ = [
     'ExactResumeHook',
     'allow_full_checkpoint_loading',
     'build_runner',
+    'check_checkpoint',
     'load_config',
     'setup_distributed',
     'test',

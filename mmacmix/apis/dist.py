@@ -31,12 +31,14 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
             (srun).
 
     Raises:
-        ValueError: If ``launcher`` is unknown.
+        ValueError: If ``launcher`` is unknown, or the environment lacks
+            the variables its starter (torchrun, srun) sets.
     """
     if launcher not in LAUNCHERS:
         raise ValueError(
             f'launcher must be one of {LAUNCHERS}, got {launcher}'
         )
+    check_launch_environment(launcher)
     cfg.launcher = launcher
     if launcher == 'none' or torch.cuda.is_available():
         return
@@ -61,6 +63,37 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
         )
     if not torch_dist.is_initialized():
         init_cpu_process_group(launcher)
+
+
+# What torchrun and srun set for every process they start.
+LAUNCH_VARIABLES = {
+    'pytorch': ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'),
+    'slurm': ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST'),
+}
+STARTERS = {
+    'pytorch': 'tools/dist_train.sh or tools/dist_test.sh (torchrun)',
+    'slurm': 'tools/slurm_train.sh or tools/slurm_test.sh (srun)',
+}
+
+
+def check_launch_environment(launcher: str) -> None:
+    """Checks that this process was started by the launcher's starter.
+
+    Raises:
+        ValueError: If variables that torchrun (``pytorch``) or srun
+            (``slurm``) set are missing, naming them.
+    """
+    missing = [
+        name
+        for name in LAUNCH_VARIABLES.get(launcher, ())
+        if name not in os.environ
+    ]
+    if missing:
+        raise ValueError(
+            f'--launcher {launcher} found no {", ".join(missing)} in the '
+            f'environment; expected a process started by {STARTERS[launcher]}'
+            '. Run without --launcher for a single process.'
+        )
 
 
 def init_cpu_process_group(launcher: str) -> None:
@@ -90,17 +123,6 @@ def init_cpu_process_group(launcher: str) -> None:
                 text=True,
             ).stdout.split()
             os.environ['MASTER_ADDR'] = hosts[0]
-    missing = [
-        name
-        for name in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
-        if name not in os.environ
-    ]
-    if missing:
-        raise RuntimeError(
-            f'--launcher {launcher} needs the environment variables '
-            f'{missing}: start the script with tools/dist_train.sh '
-            '(torchrun) or tools/slurm_train.sh (srun)'
-        )
     torch_dist.init_process_group(
         backend='gloo',
         rank=int(os.environ['RANK']),

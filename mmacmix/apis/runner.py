@@ -11,18 +11,30 @@ functions make the stack of this project work as it is installed:
 * Checkpoints are written atomically and ``--resume`` continues a run
   exactly (:mod:`mmacmix.apis.hooks`).
 * ``--amp`` on a machine without a GPU fails at once with a clear message.
+* The checkpoint to evaluate or resume from is checked before any work:
+  an unreadable file, or one whose keys do not fit the config's model, is
+  an error that says what the file seems to hold (:func:`check_checkpoint`;
+  ``strict=False`` loads it anyway, as MMEngine does).
 """
 
 import importlib
 import json
 import os.path as osp
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from mmengine.config import Config, DictAction
 from mmengine.device import get_device
 from mmengine.hooks import CheckpointHook
-from mmengine.runner import CheckpointLoader, Runner
+from mmengine.registry import MODELS, DefaultScope
+from mmengine.runner import CheckpointLoader, Runner, find_latest_checkpoint
+
+from mmacmix.checkpoint import (
+    load_state_dict_strictly,
+    read_checkpoint,
+    state_dict_of,
+)
+from mmacmix.fileio import atomic_path, check_destination
 
 from .dist import setup_distributed
 from .hooks import AtomicCheckpointHook, ExactResumeHook
@@ -31,6 +43,7 @@ __all__ = [
     'DictAction',
     'allow_full_checkpoint_loading',
     'build_runner',
+    'check_checkpoint',
     'load_config',
     'test',
     'train',
@@ -150,6 +163,7 @@ def train(
     amp: bool = False,
     cfg_options: dict | None = None,
     launcher: str = 'none',
+    strict: bool = True,
 ) -> Runner:
     """Trains the model of a config, as ``tools/train.py`` does.
 
@@ -162,12 +176,16 @@ def train(
         amp (bool): Mixed precision (``AmpOptimWrapper``); needs a GPU.
         cfg_options (dict, optional): Config overrides, merged last.
         launcher (str): ``'none'``, ``'pytorch'`` or ``'slurm'``.
+        strict (bool): Whether the checkpoint resumed from must fit the
+            model exactly. Defaults to True.
 
     Returns:
         Runner: The runner after training.
 
     Raises:
-        RuntimeError: If ``amp`` is asked for on a machine without a GPU.
+        ValueError: If ``amp`` is asked for on a machine without a GPU, or
+            the checkpoint to resume from is no training checkpoint.
+        KeyMismatchError: If that checkpoint does not fit the model.
     """
     cfg = load_config(config, work_dir, cfg_options)
     if amp:
@@ -175,10 +193,13 @@ def train(
     if resume == 'auto' or resume is True:
         cfg.resume = True
         cfg.load_from = None
+        resume = find_latest_checkpoint(cfg.work_dir)
     elif resume:
         cfg.resume = True
         cfg.load_from = resume
     setup_distributed(cfg, launcher)
+    if resume:
+        check_checkpoint(cfg, resume, resume=True, strict=strict)
     runner = build_runner(cfg)
     runner.train()
     return runner
@@ -188,11 +209,11 @@ def enable_amp(cfg: Config) -> None:
     """Switches ``cfg`` to mixed precision training.
 
     Raises:
-        RuntimeError: On a machine without a CUDA, NPU or MLU device, where
+        ValueError: On a machine without a CUDA, NPU or MLU device, where
             MMEngine's ``AmpOptimWrapper`` cannot run.
     """
     if get_device() == 'cpu':
-        raise RuntimeError(
+        raise ValueError(
             "--amp needs a GPU: MMEngine's AmpOptimWrapper supports CUDA, "
             'NPU and MLU devices only, and this machine has none. Drop '
             '--amp to train in float32 on the CPU.'
@@ -210,6 +231,7 @@ def test(
     cfg_options: dict | None = None,
     launcher: str = 'none',
     metrics_out: str | None = None,
+    strict: bool = True,
 ) -> dict:
     """Evaluates a checkpoint on the config's test split.
 
@@ -220,22 +242,81 @@ def test(
         cfg_options (dict, optional): Config overrides, merged last.
         launcher (str): ``'none'``, ``'pytorch'`` or ``'slurm'``.
         metrics_out (str, optional): Also writes the metrics to this JSON
-            file (from the main process).
+            file (from the main process; its folder is created).
+        strict (bool): Whether the checkpoint must fit the model exactly.
+            Defaults to True (MMEngine loads non-strictly).
 
     Returns:
         dict: The metrics, e.g. ``{'coco/bbox_mAP': 0.41, ...}``.
+
+    Raises:
+        OSError: If ``metrics_out`` cannot be written or the checkpoint
+            cannot be read (checked before any work).
+        ValueError: If the checkpoint is no checkpoint.
+        KeyMismatchError: If it does not fit the model (and ``strict``).
     """
+    if metrics_out:
+        check_destination(metrics_out, force=True, what='--metrics-out')
     cfg = load_config(config, work_dir, cfg_options)
+    setup_distributed(cfg, launcher)
+    check_checkpoint(cfg, checkpoint, strict=strict)
     cfg.load_from = checkpoint
     cfg.resume = False
-    setup_distributed(cfg, launcher)
     runner = build_runner(cfg)
     metrics = runner.test()
     metrics = {key: _plain(value) for key, value in metrics.items()}
     if metrics_out and runner.rank == 0:
-        with open(metrics_out, 'w') as file:
+        with atomic_path(metrics_out) as partial, open(partial, 'w') as file:
             json.dump(metrics, file, indent=2)
     return metrics
+
+
+def check_checkpoint(
+    cfg: Config, path: str, resume: bool = False, strict: bool = True
+) -> None:
+    """Checks, before the Runner is built, that ``path`` fits ``cfg``.
+
+    MMEngine loads checkpoints non-strictly: a file that does not fit the
+    model (a backbone alone, another model) is evaluated as if it were
+    trained, and shows as mAP 0. Here the file is read and loaded strictly
+    into a model built from ``cfg.model``, with the ``module.`` prefix
+    removed as MMEngine does.
+
+    Args:
+        cfg (Config): The run's config, ready for the Runner.
+        path (str): The checkpoint (a local file).
+        resume (bool): It must also hold the training state (``meta``
+            with the epoch and iteration). Defaults to False.
+        strict (bool): Whether the keys must fit; if not, only the file
+            itself is checked. Defaults to True.
+
+    Raises:
+        OSError: If the file is missing or a folder.
+        ValueError: If it is not a checkpoint, holds no state dict or, for
+            ``resume``, no training state.
+        KeyMismatchError: If ``strict`` and its keys or shapes do not fit
+            ``cfg.model``; the message says what the file seems to hold.
+    """
+    if '://' in path:
+        return  # remote files are MMEngine's business
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint.get('meta')
+    if resume and not (isinstance(meta, Mapping) and 'iter' in meta):
+        raise ValueError(
+            f'{path!r} holds no training state (no meta with the epoch and '
+            'iteration); expected a checkpoint written by tools/train.py. '
+            'To start a new run from its weights, use --cfg-options '
+            f'load_from={path} instead of --resume.'
+        )
+    state_dict = state_dict_of(checkpoint, path)
+    if not strict:
+        return
+    state_dict = {
+        key.removeprefix('module.'): value for key, value in state_dict.items()
+    }
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        model = MODELS.build(cfg.model)
+    load_state_dict_strictly(model, state_dict, path)
 
 
 def _plain(value):

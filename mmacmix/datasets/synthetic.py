@@ -76,11 +76,18 @@ def generate_shapes_dataset(root: str, spec: ShapesSpec = ShapesSpec()) -> str:
     wanted = json.dumps(asdict(spec), sort_keys=True)
     if osp.exists(marker):
         with open(marker) as file:
-            if file.read() == wanted:
-                return root
+            found = file.read()
+        if found == wanted:
+            return root
+        there = json.loads(found)
+        differences = ', '.join(
+            f'{key} {there.get(key)!r} instead of {value!r}'
+            for key, value in json.loads(wanted).items()
+            if there.get(key) != value
+        )
         raise FileExistsError(
-            f'{root!r} holds a dataset of another spec; '
-            'remove it or choose another folder'
+            f'{root!r} holds a shapes dataset of another spec '
+            f'({differences}); choose another folder'
         )
     if osp.exists(root) and os.listdir(root):
         raise FileExistsError(f'{root!r} exists and is no shapes dataset')

@@ -1,7 +1,7 @@
 """Train and evaluate ACmix Mask R-CNN on generated shapes, on the CPU.
 
     python -m mmacmix.demo [--out-dir work_dirs/demo] [--data-root
-        data/shapes] [--iters N] [--tiny] [--data-only]
+        data/shapes] [--iters N] [--tiny] [--data-only] [--debug]
 
 Generates the dataset if it is absent, trains, evaluates (COCO bbox and
 mask mAP) and writes metrics.json, loss_curve.png and predictions/*.png.
@@ -9,7 +9,9 @@ mask mAP) and writes metrics.json, loss_curve.png and predictions/*.png.
 
 import argparse
 
+from mmacmix.cli import add_debug_flag, exit_on_error, positive_int
 from mmacmix.datasets import generate_shapes_dataset
+from mmacmix.fileio import check_folder
 
 from .pipeline import DEMO_SHAPES, run_demo
 
@@ -21,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--out-dir', default='work_dirs/demo')
     parser.add_argument('--data-root', default='data/shapes')
     parser.add_argument('--config', help='Mask R-CNN config to train')
-    parser.add_argument('--iters', type=int, help='training iterations')
+    parser.add_argument(
+        '--iters', type=positive_int, help='training iterations (N >= 1)'
+    )
     parser.add_argument(
         '--tiny', action='store_true', help='seconds-long smoke run'
     )
@@ -30,18 +34,21 @@ def main(argv: list[str] | None = None) -> None:
         action='store_true',
         help='only generate the dataset (e.g. for the UperNet config)',
     )
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.data_only:
-        generate_shapes_dataset(args.data_root, DEMO_SHAPES)
-        print(f'shapes dataset in {args.data_root}')
-        return
-    run_demo(
-        out_dir=args.out_dir,
-        data_root=args.data_root,
-        config=args.config,
-        tiny=args.tiny,
-        max_iters=args.iters,
-    )
+    with exit_on_error(args.debug):
+        if args.data_only:
+            check_folder(args.data_root, 'data folder')
+            generate_shapes_dataset(args.data_root, DEMO_SHAPES)
+            print(f'shapes dataset in {args.data_root}')
+            return
+        run_demo(
+            out_dir=args.out_dir,
+            data_root=args.data_root,
+            config=args.config,
+            tiny=args.tiny,
+            max_iters=args.iters,
+        )
 
 
 if __name__ == '__main__':

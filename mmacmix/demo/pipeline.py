@@ -21,8 +21,11 @@ import os
 import os.path as osp
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ from mmengine.hooks import Hook
 
 from mmacmix.apis import build_runner, load_config
 from mmacmix.datasets import ShapesSpec, generate_shapes_dataset
+from mmacmix.fileio import check_folder
 
 # The dataset the demo trains on: 128x128 images with up to five partly
 # hidden shapes each on a striped, noisy background.
@@ -89,12 +93,27 @@ def run_demo(
 
     Returns:
         DemoResult: Metrics and file paths.
+
+    Raises:
+        ValueError: If ``max_iters`` is not a positive integer.
+        OSError: If ``out_dir`` or ``data_root`` cannot be a folder, or
+            ``data_root`` holds a dataset of another spec (checked before
+            anything is written).
     """
     start = time.perf_counter()
     say = print if progress else (lambda *args, **kwargs: None)
+    if max_iters is not None and (
+        not isinstance(max_iters, int) or max_iters < 1
+    ):
+        raise ValueError(
+            f'max_iters must be a positive integer, got {max_iters!r}'
+        )
     spec = TINY_SHAPES if tiny else DEMO_SHAPES
-    if tiny and data_root == 'data/shapes':
+    data_root = osp.normpath(data_root)
+    if tiny and data_root == osp.normpath(CONFIG_DATA_ROOT):
         data_root = 'data/shapes_tiny'
+    check_folder(out_dir, 'output folder')
+    check_folder(data_root, 'data folder')
     say(f'[1/4] shapes dataset in {data_root} ...', end=' ', flush=True)
     generate_shapes_dataset(data_root, spec)
     data_seconds = time.perf_counter() - start
@@ -114,25 +133,28 @@ def run_demo(
     )
     # MMEngine prints its environment, config and every log line at INFO;
     # they go to the log file, the console gets the progress bar.
+    console = sys.stdout
     with contextlib.redirect_stdout(io.StringIO()):
         runner = build_runner(cfg)
-    _quiet_console(runner.logger)
-    progress_hook = ProgressHook(iterations, enabled=progress)
+    _quiet_console(runner.logger, console)
+    progress_hook = ProgressHook(iterations, enabled=progress, out=console)
     runner.register_hook(progress_hook, 'LOW')
-    runner.train()
+    with _chatter_to_log(runner.logger):
+        runner.train()
     train_seconds = time.perf_counter() - start - data_seconds
 
     say('[4/4] plots ...')
     os.makedirs(out_dir, exist_ok=True)
-    files = dict(
-        metrics=osp.join(out_dir, 'metrics.json'),
-        loss_curve=plot_losses(
-            scalars_file(runner), osp.join(out_dir, 'loss_curve.png')
-        ),
-        predictions=draw_predictions(
-            runner, osp.join(out_dir, 'predictions'), num_images
-        ),
-    )
+    with _chatter_to_log(runner.logger):
+        files = dict(
+            metrics=osp.join(out_dir, 'metrics.json'),
+            loss_curve=plot_losses(
+                scalars_file(runner), osp.join(out_dir, 'loss_curve.png')
+            ),
+            predictions=draw_predictions(
+                runner, osp.join(out_dir, 'predictions'), num_images
+            ),
+        )
     metrics = {k: _number(v) for k, v in progress_hook.metrics.items()}
     metrics.update(
         iterations=iterations,
@@ -179,7 +201,7 @@ def demo_config(
     root = data_root.rstrip('/') + '/'
     _replace_prefix(cfg._cfg_dict, CONFIG_DATA_ROOT, root)
     if tiny:
-        max_iters = max_iters or 2
+        max_iters = 2 if max_iters is None else max_iters
         cfg.train_dataloader.batch_size = 2
         cfg.default_hooks.logger.interval = 1
         cfg.log_processor.window_size = 1
@@ -226,14 +248,18 @@ class ProgressHook(Hook):
     Args:
         total (int): Training iterations.
         enabled (bool): Print anything at all. Defaults to True.
+        out (TextIO, optional): The console. Defaults to ``sys.stdout``.
     """
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
+    def __init__(
+        self, total: int, enabled: bool = True, out: TextIO | None = None
+    ) -> None:
         self.total = total
         self.enabled = enabled
         self.loss = None
         self.start = None
-        self.tty = sys.stdout.isatty()
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty()
         self.printed = -1
         self.metrics: dict = {}
 
@@ -242,7 +268,11 @@ class ProgressHook(Hook):
 
     def before_val(self, runner) -> None:
         if self.enabled:
-            print('[3/4] COCO evaluation on the validation split', flush=True)
+            print(
+                '[3/4] COCO evaluation on the validation split',
+                file=self.out,
+                flush=True,
+            )
 
     def after_val_epoch(self, runner, metrics=None) -> None:
         self.metrics = dict(metrics or {})
@@ -269,12 +299,12 @@ class ProgressHook(Hook):
         )
         if self.tty:
             end = '\n' if done == self.total else ''
-            print('\r' + line, end=end, flush=True)
+            print('\r' + line, end=end, file=self.out, flush=True)
         else:
             decile = 10 * done // self.total
             if decile > self.printed:
                 self.printed = decile
-                print(line, flush=True)
+                print(line, file=self.out, flush=True)
 
 
 def _clock(seconds: float) -> str:
@@ -282,12 +312,38 @@ def _clock(seconds: float) -> str:
     return f'{minutes}:{seconds:02d}'
 
 
-def _quiet_console(logger: logging.Logger) -> None:
-    """Keeps MMEngine's INFO records in the log file, off the console."""
+def _quiet_console(logger: logging.Logger, console: TextIO) -> None:
+    """Keeps MMEngine's records (its deprecation warnings too) in the log
+    file; the console shows only errors besides the progress."""
     for handler in logger.handlers:
         if type(handler) is logging.StreamHandler:
-            handler.setStream(sys.stdout)  # it was built while redirected
-            handler.setLevel(logging.WARNING)
+            handler.setStream(console)  # it was built while redirected
+            handler.setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _chatter_to_log(logger: logging.Logger) -> Iterator[None]:
+    """Sends what libraries print or warn inside the block to the log file.
+
+    pycocotools prints its progress ("loading annotations into
+    memory...") and the evaluation tables, and the visualizer warns about
+    boxes that leave the image; the log file keeps them at INFO level, which
+    the console does not show (see :func:`_quiet_console`).
+    """
+
+    class LogLines(io.TextIOBase):
+        def write(self, text: str) -> int:
+            for line in text.splitlines():
+                if line.strip():
+                    logger.info(line)
+            return len(text)
+
+    def log_warning(message, category, filename, lineno, *args) -> None:
+        logger.info(f'{category.__name__}: {message} ({filename}:{lineno})')
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(LogLines()):
+        warnings.showwarning = log_warning
+        yield
 
 
 def _number(value):

@@ -6,7 +6,7 @@ configs/xvolution_resnet/; the convolution branches take the ResNet's 3x3
 weights and the PSSA branches start at their initialisation.
 """
 
-from mmacmix.checkpoint import convert_cli
+from mmacmix.cli import convert_cli
 from mmacmix.models import XVolutionResNet, convert_resnet_to_xvolution
 
 

@@ -1,0 +1,115 @@
+"""How every command line of the project fails, and the converters' CLI.
+
+Expected failures (a missing, unreadable or misplaced file, a checkpoint
+that does not fit the model, a bad argument, a launcher started outside its
+environment) raise ``OSError``, ``ValueError`` or
+:class:`~mmacmix.checkpoint.KeyMismatchError` in the tools.
+:func:`exit_on_error` prints them as one line, ``error: MESSAGE``, on stderr
+and exits with status 1. Any other exception is a bug and keeps its
+traceback. ``--debug`` (every tool has it) or ``MMACMIX_DEBUG=1`` shows the
+traceback of expected failures too.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+
+from torch import Tensor
+
+from mmacmix.checkpoint import (
+    KeyMismatchError,
+    read_checkpoint,
+    refuse_existing,
+    write_backbone_checkpoint,
+)
+
+DEBUG_VARIABLE = 'MMACMIX_DEBUG'
+EXPECTED_ERRORS = (OSError, ValueError, KeyMismatchError)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--debug``, read by :func:`exit_on_error`."""
+    parser.add_argument(
+        '--debug',
+        action='store_true',
+        help='on an error, show the traceback instead of the one-line '
+        f'message (also: {DEBUG_VARIABLE}=1)',
+    )
+
+
+@contextlib.contextmanager
+def exit_on_error(debug: bool = False) -> Iterator[None]:
+    """Turns an expected failure inside the block into a one-line exit.
+
+    Args:
+        debug (bool): Let the exception through, with its traceback.
+            ``MMACMIX_DEBUG=1`` in the environment does the same. Defaults
+            to False.
+
+    Raises:
+        SystemExit: With status 1, after printing ``error: MESSAGE``.
+    """
+    try:
+        yield
+    except EXPECTED_ERRORS as error:
+        if debug or os.environ.get(DEBUG_VARIABLE, '0') not in ('', '0'):
+            raise
+        message = ' '.join(str(error).split())
+        print(f'error: {message}', file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f'expected a positive integer, got {text!r}'
+        )
+    return value
+
+
+def convert_cli(
+    convert: Callable[..., Mapping[str, Tensor]],
+    description: str,
+    argv: list[str] | None = None,
+    extra_arguments: dict[str, dict] | None = None,
+) -> None:
+    """Runs a converter as ``SRC DST [--force]``: the body of every CLI.
+
+    DST is checked before SRC is read; errors are one line with status 1,
+    and nothing is written unless the conversion succeeded.
+
+    Args:
+        convert (callable): ``convert(checkpoint, **options)`` returns the
+            backbone state dict.
+        description (str): The CLI's help text.
+        argv (list[str], optional): Arguments; defaults to ``sys.argv``.
+        extra_arguments (dict[str, dict], optional): Options of the
+            converter, ``{'--depth': dict(type=int, ...)}``; their values go
+            to ``convert`` as keyword arguments.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('src', help='official checkpoint to read')
+    parser.add_argument('dst', help='converted checkpoint to write')
+    parser.add_argument(
+        '--force', action='store_true', help='overwrite DST if it exists'
+    )
+    add_debug_flag(parser)
+    options = []
+    for flag, kwargs in (extra_arguments or {}).items():
+        options.append(parser.add_argument(flag, **kwargs).dest)
+    args = parser.parse_args(argv)
+    with exit_on_error(args.debug):
+        refuse_existing(args.dst, args.force)
+        state_dict = convert(
+            read_checkpoint(args.src),
+            **{name: getattr(args, name) for name in options},
+        )
+        write_backbone_checkpoint(state_dict, args.dst, force=args.force)
+    print(f'wrote {len(state_dict)} tensors to {args.dst}')
