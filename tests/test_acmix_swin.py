@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmacmix.checkpoint import convert_cli
-from mmacmix.models.acmix_swin import ACmixSwinTransformer, convert_acmix_swin
+from mmacmix.models import ACmixSwinTransformer, convert_acmix_swin
 from mmacmix.registry import MODELS
 
 REPO = Path(__file__).resolve().parents[1]

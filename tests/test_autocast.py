@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmacmix.models import ACmix, ACmixResNet
+from mmacmix.models import ACmix, ACmixResNet, XVolutionResNet
 from mmacmix.models.acmix_swin import (
     ACmixSwinTransformer,
     ACmixWindowAttention,
@@ -191,10 +191,10 @@ def backbone_pair(family: str) -> tuple[nn.Module, nn.Module]:
     if family == 'acmix_resnet':
         model, control = ACmixResNet(depth=26), PlainResNet(depth=26)
     else:
-        model = xvolution.XVolutionResNet(
+        model = XVolutionResNet(
             depth=18, xvolution_stages=(True,) * 4
         )
-        control = xvolution.XVolutionResNet(
+        control = XVolutionResNet(
             depth=18, xvolution_stages=(False,) * 4
         )
     for net in (model, control):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmacmix.models import ACmixResNet
+from mmacmix.models import ACmixResNet, XVolutionResNet
 from mmacmix.models.acmix_swin import ACMIX_KEYS, ACmixSwinTransformer
 from mmacmix.registry import MODELS
 
@@ -78,7 +78,7 @@ def test_unknown_arch_or_depth_lists_the_valid_ones(cfg, valid):
 def resnet_backbones():
     return [
         ACmixResNet(depth=26),
-        xvolution.XVolutionResNet(depth=18),
+        XVolutionResNet(depth=18),
     ]
 
 
@@ -111,7 +111,7 @@ def test_in_channels_decides_what_is_accepted():
 
 def plain_resnet50() -> dict:
     """A torchvision ResNet-50 state dict (with its fc head)."""
-    plain = xvolution.XVolutionResNet(
+    plain = XVolutionResNet(
         depth=50, xvolution_stages=(False,) * 4
     ).state_dict()
     plain = {k: v for k, v in plain.items() if 'num_batches' not in k}

@@ -1,17 +1,17 @@
 """ONNX export of every family with dynamic batch, height and width.
 
-Each backbone goes through ``tools/deploy/export_onnx.py`` (run in this
-process: a subprocess would spend seconds importing torch) from a checkpoint
-of random, non-trivial weights; the file is then run with onnxruntime at two
-sizes other than the traced one, with another batch size, and compared with
-the PyTorch model: largest absolute difference below 1e-4 (float32 rounding
-of the same arithmetic in another order stays around 1e-6 here).
+Each backbone goes through what ``tools/deploy/export_onnx.py`` runs
+(:mod:`mmacmix.deploy`: config, strict checkpoint loading, export) from a
+checkpoint of random, non-trivial weights; the file is then run with
+onnxruntime at two sizes other than the traced one, with another batch
+size, and compared with the PyTorch model: largest absolute difference
+below 1e-4 (float32 rounding of the same arithmetic in another order stays
+around 1e-6 here).
 """
 
 import importlib
 import logging
-import runpy
-import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,26 +22,34 @@ import torch
 from mmengine.logging import MMLogger
 from torch import nn
 
-from mmacmix.models import ACmix, ACmixResNet
-from mmacmix.models.acmix_swin import ACmixSwinTransformer
+from mmacmix.deploy import build_backbone, export_onnx, load_backbone_cfg
+from mmacmix.models import (
+    ACmix,
+    ACmixResNet,
+    ACmixSwinTransformer,
+    XVolution,
+    XVolutionResNet,
+)
 
-xvolution = pytest.importorskip('mmacmix.models.xvolution')
 local_attention_module = importlib.import_module('mmacmix.ops.local_attention')
 
-REPO = Path(__file__).resolve().parents[1]
-EXPORT_CLI = REPO / 'tools/deploy/export_onnx.py'
 ATOL = 1e-4
 TINY_SWIN = dict(embed_dims=12, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1))
 
 
-def export(monkeypatch, capsys, *args) -> str:
-    """Runs the export command line; returns what it printed."""
-    monkeypatch.setattr(sys, 'argv', [str(EXPORT_CLI), *map(str, args)])
-    try:
-        runpy.run_path(str(EXPORT_CLI), run_name='__main__')
-    except SystemExit as exit_info:
-        pytest.fail(f'export failed ({exit_info.code}): {capsys.readouterr()}')
-    return capsys.readouterr().out
+def export(
+    checkpoint: Path,
+    out: Path,
+    config: Path | None = None,
+    backbone_cfg: str | None = None,
+    **kwargs,
+) -> dict:
+    """Exports as the command line does; returns the checked differences."""
+    cfg = load_backbone_cfg(config and str(config), backbone_cfg)
+    model = build_backbone(cfg, str(checkpoint))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the tracer's size warnings
+        return export_onnx(model, str(out), **kwargs)
 
 
 def randomised(model: nn.Module) -> nn.Module:
@@ -70,7 +78,7 @@ def randomised(model: nn.Module) -> nn.Module:
         # Any residual block (basic, bottleneck) names its last norm.
         if isinstance(getattr(type(block), 'last_norm', None), property):
             last = block.last_norm
-            if isinstance(last, xvolution.XVolution):
+            if isinstance(last, XVolution):
                 last = [last.conv_bn, last.pssa_bn]  # its norms end the block
             for norm in last if isinstance(last, list) else [last]:
                 nn.init.uniform_(norm.weight, 0.1, 0.3)
@@ -167,7 +175,7 @@ def test_acmix_op_exports_for_any_size(tmp_path):
         assert np.abs(got - expected).max() < ATOL, size
 
 
-def test_acmix_resnet_from_a_config(tmp_path, monkeypatch, capsys):
+def test_acmix_resnet_from_a_config(tmp_path):
     torch.manual_seed(0)
     model = randomised(ACmixResNet(depth=26, zero_init_residual=False))
     checkpoint = save_backbone(model, tmp_path / 'acmix-r26.pth')
@@ -179,31 +187,23 @@ def test_acmix_resnet_from_a_config(tmp_path, monkeypatch, capsys):
         "                  norm_cfg=dict(type='SyncBN')))\n"
     )
     out = tmp_path / 'acmix-r26.onnx'
-    printed = export(
-        monkeypatch,
-        capsys,
-        config,
+    checked = export(
         checkpoint,
         out,
-        '--shape',
-        64,
-        64,
-        '--verify-shape',
-        64,
-        64,
+        config=config,
+        sample_size=(64, 64),
+        verify_sizes=[(64, 64)],
     )
-    assert 'wrote' in printed
+    assert list(checked) == [(64, 64)]
     ops = standard_ops_only(out)
     assert 'Gather' in ops and 'Softmax' in ops
     diffs = onnx_differences(out, model, [(45, 77), (97, 64)])
     assert max(diffs) < ATOL, diffs
 
 
-def test_xvolution_resnet_exports_in_deployed_form(
-    tmp_path, monkeypatch, capsys
-):
+def test_xvolution_resnet_exports_in_deployed_form(tmp_path):
     torch.manual_seed(0)
-    trained = xvolution.XVolutionResNet(
+    trained = XVolutionResNet(
         depth=18,
         xvolution_stages=(False, True, True, False),
         zero_init_residual=False,
@@ -215,17 +215,7 @@ def test_xvolution_resnet_exports_in_deployed_form(
         "dict(type='mmacmix.XVolutionResNet', depth=18, "
         'xvolution_stages=(False, True, True, False))'
     )
-    export(
-        monkeypatch,
-        capsys,
-        '--backbone-cfg',
-        cfg,
-        checkpoint,
-        out,
-        '--shape',
-        64,
-        64,
-    )
+    export(checkpoint, out, backbone_cfg=cfg, sample_size=(64, 64))
     proto = onnx.load(str(out))
     names = [node.name for node in proto.graph.node]
     # Deployed: no PSSA branch and no branch norms are left in the graph.
@@ -237,9 +227,7 @@ def test_xvolution_resnet_exports_in_deployed_form(
     assert max(diffs) < ATOL, diffs
 
 
-def test_acmix_swin_keeps_padding_and_masks_dynamic(
-    tmp_path, monkeypatch, capsys
-):
+def test_acmix_swin_keeps_padding_and_masks_dynamic(tmp_path):
     torch.manual_seed(0)
     model = randomised(
         ACmixSwinTransformer(arch=TINY_SWIN, drop_path_rate=0.0)
@@ -257,15 +245,7 @@ def test_acmix_swin_keeps_padding_and_masks_dynamic(
         '12, "depths": [2, 2, 2, 2], "num_heads": [1, 1, 1, 1]}}'
     )
     # Traced at 256x256, where no stage needs padding; checked below.
-    export(
-        monkeypatch,
-        capsys,
-        '--backbone-cfg',
-        cfg,
-        checkpoint,
-        out,
-        '--no-verify',
-    )
+    export(checkpoint, out, backbone_cfg=cfg, verify_sizes=[])
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta['min_input_side'] == '225'
     # 225x301 and 260x250 pad every stage differently (e.g. stage 1 is
@@ -275,8 +255,6 @@ def test_acmix_swin_keeps_padding_and_masks_dynamic(
 
 
 def test_swin_sizes_with_other_windows_are_refused(tmp_path):
-    from mmacmix.deploy import export_onnx
-
     model = ACmixSwinTransformer(arch=TINY_SWIN).eval()
     with pytest.raises(ValueError, match='at least 225 pixels.*224, 256'):
         export_onnx(model, str(tmp_path / 'x.onnx'), sample_size=(224, 256))
@@ -284,10 +262,8 @@ def test_swin_sizes_with_other_windows_are_refused(tmp_path):
 
 
 def test_a_graph_that_misses_the_tolerance_is_not_written(tmp_path):
-    from mmacmix.deploy import export_onnx
-
     torch.manual_seed(0)
-    model = xvolution.XVolutionResNet(depth=18, out_indices=(3,)).eval()
+    model = XVolutionResNet(depth=18, out_indices=(3,)).eval()
     out = tmp_path / 'model.onnx'
     # No two float32 implementations agree to the last bit over 18 layers.
     with pytest.raises(ValueError, match='differs from PyTorch by'):

@@ -14,17 +14,19 @@ import functools
 import logging
 import math
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mmengine.logging import MMLogger
 from torch import nn
 
-from mmacmix.models import ACmix, ACmixResNet
-from mmacmix.models.acmix_swin import ACmixSwinTransformer
-
-xvolution = pytest.importorskip('mmacmix.models.xvolution')
+from mmacmix.models import (
+    ACmix,
+    ACmixResNet,
+    ACmixSwinTransformer,
+    XVolution,
+    XVolutionResNet,
+)
 
 SIDES = st.integers(min_value=32, max_value=300)
 BATCHES = st.integers(min_value=1, max_value=2)
@@ -75,7 +77,7 @@ def backbone(name: str) -> nn.Module:
     elif name == 'xvolution_resnet':
         # X-volution in stages 2-4: strides 8 to 32 and every stride-2
         # op see odd sizes (stage 1, stride 1 only, would just cost time).
-        model = xvolution.XVolutionResNet(
+        model = XVolutionResNet(
             depth=18,
             xvolution_stages=(False, True, True, True),
             zero_init_residual=False,
@@ -87,12 +89,12 @@ def backbone(name: str) -> nn.Module:
         # overflows at 300 pixels even when calibrated. 0.3 is a partly
         # grown branch (converted ResNets start it at 0).
         for op in model.modules():
-            if isinstance(op, xvolution.XVolution):
+            if isinstance(op, XVolution):
                 nn.init.constant_(op.pssa_bn.weight, 0.3)
         return calibrated(model)
     elif name == 'xvolution_resnet_deployed':
         model = backbone('xvolution_resnet')
-        deployed = xvolution.XVolutionResNet(
+        deployed = XVolutionResNet(
             depth=18, xvolution_stages=model.xvolution_stages
         )
         deployed.load_state_dict(model.state_dict())
@@ -186,7 +188,7 @@ def test_ops_shape_like_a_padded_3x3_conv(batch, height, width, stride, kind):
     if kind == 'acmix':
         op = ACmix(8, 8, stride=stride, num_heads=2)
     else:
-        op = xvolution.XVolution(
+        op = XVolution(
             8, 8, stride=stride, deploy=kind == 'xvolution_deployed'
         )
         if op.deploy:  # its content-dependent kernel starts at zero

@@ -1,6 +1,5 @@
 """X-volution: the operator, its deployed form, the ResNet, the tools."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope, init_default_scope
 from mmengine.runner.checkpoint import load_state_dict
 
+from mmacmix.deploy import deploy_options, reparameterize
 from mmacmix.models import (
     XVolution,
     XVolutionResNet,
@@ -38,17 +38,6 @@ TRAINING_KEYS = {
     ),
 }
 DEPLOY_KEYS = {'weight', 'dynamic_weight', 'bias'}
-
-
-def load_tool(path: Path):
-    """Imports a script of tools/ (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-REPARAMETERIZE = load_tool(REPO / 'tools/deploy/reparameterize.py')
 
 
 def randomize_norms(module: torch.nn.Module, seed: int = 0) -> None:
@@ -547,7 +536,7 @@ def test_converter_names_missing_unknown_keys_and_wrong_depths(resnet18):
 
 
 def test_converter_cli_writes_a_checkpoint_that_loads_strictly(
-    tmp_path, resnet18, capsys
+    tmp_path, resnet18
 ):
     state, plain = resnet18
     src, dst = tmp_path / 'resnet18.pth', tmp_path / 'xvolution.pth'
@@ -569,16 +558,6 @@ def test_converter_cli_writes_a_checkpoint_that_loads_strictly(
     with torch.no_grad():
         for a, b in zip(plain(x), loaded.eval()(x), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # The failures, in process (a subprocess costs seconds of imports).
-    converter = load_tool(CONVERTER)
-    for args, message in [
-        ([], 'already exists'),
-        (['--force', '--depth', '50'], 'ResNet-50'),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            converter.main([str(src), str(dst), *args])
-        assert exit_info.value.code == 1
-        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -595,12 +574,11 @@ def test_converter_cli_writes_a_checkpoint_that_loads_strictly(
     ],
 )
 def test_deploy_options_are_found_in_configs(name, options):
-    assert REPARAMETERIZE.deploy_options(
-        Config.fromfile(str(CONFIGS / name)).model
-    ) == (options)
+    model_cfg = Config.fromfile(str(CONFIGS / name)).model
+    assert deploy_options(model_cfg) == options
 
 
-def test_reparameterized_detector_predicts_the_same(tmp_path, capsys):
+def test_reparameterized_detector_predicts_the_same(tmp_path):
     from mmdet.structures import DetDataSample
 
     config = str(CONFIGS / 'retinanet_xvolution-r50_fpn_1x_coco.py')
@@ -613,8 +591,8 @@ def test_reparameterized_detector_predicts_the_same(tmp_path, capsys):
     torch.save(
         {'meta': {'epoch': 12}, 'state_dict': model.state_dict()}, checkpoint
     )
-    REPARAMETERIZE.main([config, str(checkpoint), str(out)])
-    assert 'model.backbone.deploy=True' in capsys.readouterr().out
+    options = reparameterize(config, str(checkpoint), str(out))
+    assert options == ['model.backbone.deploy=True']
 
     deployed_cfg = Config.fromfile(config)
     deployed_cfg.merge_from_dict({'model.backbone.deploy': True})
@@ -658,8 +636,8 @@ def test_reparameterized_detector_predicts_the_same(tmp_path, capsys):
 
 def test_reparameterize_refuses_a_model_without_xvolution(tmp_path):
     config = REPO / 'configs/drop_in/mask-rcnn_r50-acmix-c3-c5_fpn_1x_coco.py'
-    with pytest.raises(SystemExit) as exit_info:
-        REPARAMETERIZE.main(
-            [str(config), str(tmp_path / 'x.pth'), str(tmp_path / 'y.pth')]
+    with pytest.raises(ValueError, match='has no X-volution'):
+        reparameterize(
+            str(config), str(tmp_path / 'x.pth'), str(tmp_path / 'y.pth')
         )
-    assert exit_info.value.code == 1
+    assert list(tmp_path.iterdir()) == []

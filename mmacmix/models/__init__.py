@@ -1,13 +1,15 @@
 """Backbones and operators, registered in :data:`mmacmix.registry.MODELS`."""
 
 from .acmix import ACmix, ACmixBase
-from .acmix_resnet import ACmixResNet, convert_acmix_resnet
-from .acmix_swin import ACmixSwinTransformer, convert_acmix_swin
-from .xvolution import (
-    XVolution,
-    XVolutionResNet,
+from .acmix_resnet import ACmixResNet
+from .acmix_swin import ACmixSwinTransformer
+from .converters import (
+    convert_acmix_resnet,
+    convert_acmix_swin,
     convert_resnet_to_xvolution,
 )
+from .xvolution import XVolution
+from .xvolution_resnet import XVolutionResNet
 
 __all__ = [
     'ACmix',

@@ -24,7 +24,7 @@ from torch import Tensor
 from mmacmix.ops import local_attention
 from mmacmix.registry import MODELS
 
-from .utils import square_argument
+from .utils import conv3x3_arguments
 
 SHIFT_KERNEL_SIZE = 3
 
@@ -303,26 +303,18 @@ class ACmix(ACmixBase):
         attn_kernel_size: int = 7,
         init_cfg: dict | None = None,
     ) -> None:
-        kernel_size = square_argument('ACmix', 'kernel_size', kernel_size)
-        stride = square_argument('ACmix', 'stride', stride)
-        unsupported = {
-            'kernel_size': (kernel_size, SHIFT_KERNEL_SIZE),
-            'dilation': (square_argument('ACmix', 'dilation', dilation), 1),
-            'padding': (
-                square_argument('ACmix', 'padding', padding),
-                SHIFT_KERNEL_SIZE // 2,
-            ),
-            'groups': (groups, 1),
-            'bias': (bias, False),
-        }
-        for name, (value, supported) in unsupported.items():
-            if value != supported:
-                raise ValueError(
-                    f'ACmix supports only {name}={supported!r}, '
-                    f'got {name}={value!r}'
-                )
-        if stride not in (1, 2):
-            raise ValueError(f'ACmix supports stride 1 or 2, got {stride}')
+        stride, _ = conv3x3_arguments(
+            'ACmix',
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            strides=(1, 2),
+            dilations=(1,),
+        )
+        if bias:
+            raise ValueError(f'ACmix supports only bias=False, got {bias=}')
         if attn_kernel_size < 1 or attn_kernel_size % 2 == 0:
             raise ValueError(
                 'attn_kernel_size must be a positive odd '

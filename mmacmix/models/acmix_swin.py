@@ -11,11 +11,11 @@ convolution``.
 
 :class:`ACmixSwinTransformer` is that model as a detection / segmentation
 backbone with the API of mmdet's ``SwinTransformer``; its parameter names are
-those of the official model, so :func:`convert_acmix_swin` only drops the
-classifier and the saved buffers and renames the final norm.
+those of the official model, so its converter (``convert_acmix_swin`` in
+:mod:`mmacmix.models.converters`) only drops the classifier and the saved
+buffers and renames the final norm.
 """
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -29,8 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmacmix.registry import MODELS
 
 from .acmix import ACmixBase
-from .resnet import check_image_batch
-from .utils import describe_keys, init_weights_strictly
+from .utils import check_image_batch, init_weights_strictly
 
 # Additive attention mask between tokens of different regions of a shifted
 # window: the value of the official code (and mmdet's); softmax makes it ~0.
@@ -738,144 +737,3 @@ class ACmixSwinTransformer(BaseModule):
                 outs.append(out.permute(0, 3, 1, 2).contiguous())
         return tuple(outs)
 
-
-def convert_acmix_swin(
-    checkpoint: Mapping, model: ACmixSwinTransformer | None = None
-) -> dict[str, Tensor]:
-    """Converts an official ACmix-Swin checkpoint for
-    :class:`ACmixSwinTransformer`.
-
-    The parameter names are the official ones, so the conversion drops the
-    classifier (``head.*``) and the saved buffers (``relative_position_index``
-    and ``attn_mask``, computed here), and renames the final ``norm`` to the
-    last stage's output norm. The official model has no output norm for the
-    other stages; identity ones (weight 1, bias 0) are inserted, so that the
-    converted weights load strictly and the first stages' outputs start as
-    the plain layer-normalised features.
-
-    Args:
-        checkpoint (Mapping): ``{'model': state_dict, 'config': ...,
-            'epoch': ...}`` as released, or a bare state dict.
-        model (ACmixSwinTransformer, optional): The backbone the weights are
-            for; the result has exactly its keys (output norms of the stages
-            in its ``out_indices``). By default one is built with the arch,
-            window, patch size and MLP ratio read from the keys and all four
-            output norms.
-
-    Returns:
-        dict[str, Tensor]: The backbone's state dict, without prefix.
-
-    Raises:
-        KeyError: If keys are missing or unknown (all are named); a plain
-            Swin checkpoint is reported as lacking the ACmix keys.
-        ValueError: If the checkpoint holds no state dict or a shape differs.
-    """
-    state_dict = _state_dict_of(checkpoint)
-    converted = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix('module.')
-        if key.startswith('head.') or key.endswith(
-            ('.relative_position_index', '.attn_mask')
-        ):
-            continue  # the ImageNet classifier and derived buffers
-        converted[key] = value
-    if model is None:
-        model = ACmixSwinTransformer(**_settings_of(converted))
-    expected = model.state_dict()
-    last = len(model.layers) - 1
-    renamed = {}  # our key -> official key, for the error messages
-    for stage in model.out_indices:
-        for name in ('weight', 'bias'):
-            key = f'norm{stage}.{name}'
-            if stage == last:
-                if f'norm.{name}' in converted:
-                    converted[key] = converted.pop(f'norm.{name}')
-                renamed[key] = f'norm.{name}'
-            else:
-                identity = 1.0 if name == 'weight' else 0.0
-                converted[key] = torch.full_like(expected[key], identity)
-    if last not in model.out_indices:
-        # The model returns no last-stage output: its norm would be unused.
-        converted.pop('norm.weight', None)
-        converted.pop('norm.bias', None)
-
-    missing = sorted(renamed.get(k, k) for k in set(expected) - set(converted))
-    unknown = sorted(set(converted) - set(expected))
-    if missing and all(k.endswith(ACMIX_KEYS) for k in missing):
-        raise KeyError(
-            'a plain Swin checkpoint cannot be converted: the ACmix keys of '
-            'every block (layers.I.blocks.J.{'
-            + ', '.join(ACMIX_KEYS)
-            + f'}}) are missing: {describe_keys(missing)}'
-            + (f'; unknown keys {describe_keys(unknown)}' if unknown else '')
-        )
-    if missing or unknown:
-        raise KeyError(
-            f'not an ACmix-Swin checkpoint of this architecture: missing '
-            f'keys {describe_keys(missing)}; unknown keys '
-            f'{describe_keys(unknown)}'
-        )
-    for key, value in converted.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(
-                f'{renamed.get(key, key)} has shape '
-                f'{tuple(value.shape)}, expected '
-                f'{tuple(expected[key].shape)}'
-            )
-    return converted
-
-
-def _state_dict_of(checkpoint: Mapping) -> Mapping[str, Tensor]:
-    """Returns the weights of a released checkpoint or a bare state dict."""
-    for name in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(name), Mapping):
-            return checkpoint[name]
-    if checkpoint and all(isinstance(v, Tensor) for v in checkpoint.values()):
-        return checkpoint
-    raise ValueError(
-        'the checkpoint holds no state dict (expected '
-        "{'model': state_dict, ...} or a bare state dict)"
-    )
-
-
-def _settings_of(state_dict: Mapping[str, Tensor]) -> dict:
-    """Reads the constructor arguments of the official model from keys."""
-    needed = (
-        'patch_embed.proj.weight',
-        'layers.0.blocks.0.attn.relative_position_bias_table',
-        'layers.0.blocks.0.mlp.fc1.weight',
-    )
-    absent = [key for key in needed if key not in state_dict]
-    if absent:
-        raise KeyError(
-            f'not an ACmix-Swin checkpoint: missing keys {absent}'
-            f' (keys start with {describe_keys(sorted(state_dict))}'
-            ')'
-        )
-    embed = state_dict[needed[0]]
-    depths, num_heads = [], []
-    stage = 0
-    while f'layers.{stage}.blocks.0.norm1.weight' in state_dict:
-        blocks = {
-            key.split('.')[3]
-            for key in state_dict
-            if key.startswith(f'layers.{stage}.blocks.')
-        }
-        depths.append(len(blocks))
-        table = state_dict[
-            f'layers.{stage}.blocks.0.attn.relative_position_bias_table'
-        ]
-        num_heads.append(table.shape[1])
-        stage += 1
-    table_rows = state_dict[needed[1]].shape[0]
-    window_size = (math.isqrt(table_rows) + 1) // 2
-    return dict(
-        arch=dict(
-            embed_dims=embed.shape[0], depths=depths, num_heads=num_heads
-        ),
-        in_channels=embed.shape[1],
-        patch_size=embed.shape[-1],
-        window_size=window_size,
-        mlp_ratio=state_dict[needed[2]].shape[0] / embed.shape[0],
-        qkv_bias='layers.0.blocks.0.attn.qkv.bias' in state_dict,
-    )

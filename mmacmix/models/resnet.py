@@ -15,7 +15,7 @@ from mmengine.model import BaseModule, Sequential
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .utils import init_weights_strictly
+from .utils import check_image_batch, init_weights_strictly
 
 
 class ResidualBlock(BaseModule):
@@ -158,7 +158,7 @@ class PluggableResNet(BaseModule):
             and constant 1 for norms.
     """
 
-    arch_settings: dict[int, tuple[type[BasicBlock], tuple[int, ...]]] = {}
+    arch_settings: dict[int, tuple[type[ResidualBlock], tuple[int, ...]]] = {}
 
     def __init__(
         self,
@@ -324,12 +324,3 @@ class PluggableResNet(BaseModule):
                 if isinstance(module, _BatchNorm):
                     module.eval()
         return self
-
-
-def check_image_batch(x: Tensor, channels: int, owner: str) -> None:
-    """Raises ``ValueError`` unless ``x`` is ``(B, channels, H, W)``."""
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(
-            f'{owner} expects a 4-D (B, {channels}, H, W) tensor, got shape '
-            f'{tuple(x.shape)}'
-        )

@@ -1,11 +1,15 @@
-"""Helpers shared by the backbones: strict pretrained loading."""
+"""Helpers shared by the backbones and operators.
+
+Strict pretrained loading, and the argument checks every family repeats:
+image batches, and the ``nn.Conv2d`` signature of the drop-in operators.
+"""
 
 import os.path as osp
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
-from torch import nn
+from torch import Tensor, nn
 
 
 def init_weights_strictly(
@@ -141,3 +145,77 @@ def square_argument(owner: str, name: str, value: int | Sequence[int]) -> int:
             )
         value = value[0]
     return value
+
+
+def check_image_batch(x: Tensor, channels: int, owner: str) -> None:
+    """Raises ``ValueError`` unless ``x`` is ``(B, channels, H, W)``."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(
+            f'{owner} expects a 4-D (B, {channels}, H, W) tensor, got shape '
+            f'{tuple(x.shape)}'
+        )
+
+
+def conv3x3_arguments(
+    owner: str,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int],
+    padding: int | Sequence[int],
+    dilation: int | Sequence[int],
+    groups: int,
+    strides: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+) -> tuple[int, int]:
+    """Checks the ``nn.Conv2d`` arguments of an op that replaces a 3x3 conv.
+
+    Accepted: ints or square pairs; ``kernel_size`` 3; positive integer
+    ``stride`` and ``dilation`` (among ``strides`` and ``dilations`` when
+    given); ``padding`` equal to ``dilation``, the padding that keeps the
+    size; ``groups`` 1.
+
+    Args:
+        owner (str): The op's name, for the messages.
+        kernel_size, stride, padding, dilation, groups: As ``nn.Conv2d``'s.
+        strides (Sequence[int], optional): The strides the op supports.
+            Defaults to None (any).
+        dilations (Sequence[int], optional): The dilations it supports.
+            Defaults to None (any).
+
+    Returns:
+        tuple[int, int]: ``stride`` and ``dilation``.
+
+    Raises:
+        ValueError: Naming the first argument that is not accepted and what
+            would be.
+    """
+    kernel_size = square_argument(owner, 'kernel_size', kernel_size)
+    stride = square_argument(owner, 'stride', stride)
+    padding = square_argument(owner, 'padding', padding)
+    dilation = square_argument(owner, 'dilation', dilation)
+    for name, value, supported in (
+        ('kernel_size', kernel_size, (3,)),
+        ('groups', groups, (1,)),
+        ('stride', stride, strides),
+        ('dilation', dilation, dilations),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f'{owner} needs a positive integer {name}, '
+                f'got {name}={value!r}'
+            )
+        if supported is not None and value not in supported:
+            allowed = (
+                f'only {name}={supported[0]}'
+                if len(supported) == 1
+                else f'{name} {" or ".join(map(str, supported))}'
+            )
+            raise ValueError(
+                f'{owner} supports {allowed}, got {name}={value!r}'
+            )
+    if padding != dilation:
+        raise ValueError(
+            f'{owner} supports only padding={dilation} at dilation '
+            f'{dilation} (the padding that keeps the size), got '
+            f'padding={padding!r}'
+        )
+    return stride, dilation

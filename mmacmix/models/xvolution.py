@@ -1,4 +1,4 @@
-"""X-volution (Chen, Wang, Ni, arXiv 2106.02253) and an X-volution ResNet.
+"""X-volution (Chen, Wang, Ni, arXiv 2106.02253): the operator.
 
 X-volution unites a convolution and an approximation of global
 self-attention in one operator. While training it has two branches whose
@@ -18,14 +18,10 @@ the centre of the window. :meth:`XVolution.switch_to_deploy` performs this
 conversion; ``XVolution(..., deploy=True)`` builds the deployed form directly
 so that a converted checkpoint loads strictly.
 
-This file holds the whole family: the :class:`XVolution` operator (a drop-in
-for a 3x3 convolution through mmcv's ``build_conv_layer``), the
-:class:`XVolutionResNet` backbone, and :func:`convert_resnet_to_xvolution`,
-which maps torchvision or OpenMMLab ResNet weights onto that backbone.
+The backbone is :class:`~mmacmix.models.xvolution_resnet.XVolutionResNet`.
 """
 
 import math
-from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmacmix.registry import MODELS
 
-from .resnet import BasicBlock, Bottleneck, PluggableResNet
-from .utils import describe_keys, square_argument
+from .utils import check_image_batch, conv3x3_arguments
 
 KERNEL_SIZE = 3
 # The PSSA taps, row-major over the 3x3 window: tap ``t`` reads the input
@@ -192,7 +187,7 @@ class XVolution(BaseModule):
       are evaluated only at the output positions, giving ``ceil(H / s)``
       rows like a padded 3x3 convolution.
     * The branch norms are part of the operator, so it stands for a
-      convolution *and the norm after it*: :class:`XVolutionResNet` drops
+      convolution *and the norm after it*: ``XVolutionResNet`` drops
       the block's norm after each X-volution (its weights go to
       ``conv_bn``). Dropped into a block that keeps its norm (mmdet's
       ``dcn=``), the branch norms' shifts are redundant with that norm, like
@@ -249,35 +244,9 @@ class XVolution(BaseModule):
         init_cfg: dict | None = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
-        kernel_size = square_argument('XVolution', 'kernel_size', kernel_size)
-        stride = square_argument('XVolution', 'stride', stride)
-        padding = square_argument('XVolution', 'padding', padding)
-        dilation = square_argument('XVolution', 'dilation', dilation)
-        if kernel_size != KERNEL_SIZE:
-            raise ValueError(
-                'XVolution supports only kernel_size=3, got '
-                f'kernel_size={kernel_size!r}'
-            )
-        if not isinstance(dilation, int) or dilation < 1:
-            raise ValueError(
-                'XVolution needs a positive integer dilation, '
-                f'got dilation={dilation!r}'
-            )
-        if not isinstance(stride, int) or stride < 1:
-            raise ValueError(
-                'XVolution needs a positive integer stride, '
-                f'got stride={stride!r}'
-            )
-        if padding != dilation:
-            raise ValueError(
-                'XVolution supports only padding=dilation (the padding that '
-                f'keeps the size), got padding={padding!r} with '
-                f'dilation={dilation!r}'
-            )
-        if groups != 1:
-            raise ValueError(
-                f'XVolution supports only groups=1, got groups={groups!r}'
-            )
+        stride, dilation = conv3x3_arguments(
+            'XVolution', kernel_size, stride, padding, dilation, groups
+        )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
@@ -285,6 +254,8 @@ class XVolution(BaseModule):
         self.with_bias = bool(bias)
         self.norm_cfg = dict(norm_cfg or dict(type='BN'))
         self.deploy = deploy
+        # The name of the attention branch (its norm: ``<name>_bn``).
+        self.attention_branch = 'pssa'
         if deploy:
             shape = (out_channels, in_channels, KERNEL_SIZE, KERNEL_SIZE)
             self.weight = nn.Parameter(torch.empty(shape))
@@ -333,11 +304,7 @@ class XVolution(BaseModule):
         Returns:
             Tensor: ``(B, out_channels, ceil(H / s), ceil(W / s))``.
         """
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f'XVolution expects a (B, {self.in_channels}, H, W) tensor, '
-                f'got shape {tuple(x.shape)}'
-            )
+        check_image_batch(x, self.in_channels, 'XVolution')
         if self.deploy:
             return xvolution(
                 x,
@@ -405,296 +372,3 @@ class XVolution(BaseModule):
             f'stride={self.stride}, dilation={self.dilation}, '
             f'deploy={self.deploy}'
         )
-
-
-def _drop_norms_after_xvolutions(block: BasicBlock) -> None:
-    """Replaces ``bn<i>`` by an identity wherever ``conv<i>`` is an
-    X-volution, whose branch norms take the norm's place."""
-    for index in (1, 2):
-        if isinstance(getattr(block, f'conv{index}'), XVolution):
-            setattr(block, f'bn{index}', nn.Identity())
-
-
-class XVolutionBasicBlock(BasicBlock):
-    """:class:`BasicBlock` without norms after its X-volutions."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        _drop_norms_after_xvolutions(self)
-
-    @property
-    def last_norm(self) -> nn.Module:
-        return self.conv2 if isinstance(self.conv2, XVolution) else self.bn2
-
-
-class XVolutionBottleneck(Bottleneck):
-    """:class:`Bottleneck` without the norm after its X-volution."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        _drop_norms_after_xvolutions(self)
-
-
-@MODELS.register_module()
-class XVolutionResNet(PluggableResNet):
-    """ResNet v1.5 whose 3x3 convolutions in chosen stages are X-volutions.
-
-    The paper found X-volution best in stage 3 alone (ResNet-34 +1.2,
-    ResNet-50 +0.9 ImageNet top-1), which is the default. Every 3x3
-    convolution of a chosen stage, with the norm after it, becomes an
-    X-volution (both of a basic block, the middle one of a bottleneck), with
-    the stride the convolution had: the convolution branch and its norm are
-    the ResNet's convolution and norm, beside which the PSSA branch is added,
-    as in the paper's module. All other modules are torchvision's ResNet's,
-    so its weights map directly (see :func:`convert_resnet_to_xvolution`).
-
-    Args:
-        depth (int): 18, 34, 50 or 101.
-        xvolution_stages (Sequence[bool]): For each of the four stages,
-            whether its 3x3 convolutions are X-volutions. Defaults to
-            ``(False, False, True, False)``.
-        deploy (bool): Build the X-volutions in their deployed form, to
-            load a checkpoint written after :meth:`switch_to_deploy`.
-            Defaults to False.
-        **kwargs: The arguments of :class:`PluggableResNet` (``out_indices``,
-            ``frozen_stages``, ``norm_cfg`` (also used for the branch norms
-            of the X-volutions), ``norm_eval``, ``with_cp``, ``init_cfg``...).
-            ``zero_init_residual`` zeroes both branch norms' scales of an
-            X-volution that ends a basic block.
-
-    Example:
-        >>> import torch
-        >>> model = XVolutionResNet(depth=18).eval()
-        >>> [tuple(o.shape) for o in model(torch.rand(1, 3, 64, 96))]
-        [(1, 64, 16, 24), (1, 128, 8, 12), (1, 256, 4, 6), (1, 512, 2, 3)]
-    """
-
-    arch_settings = {
-        18: (XVolutionBasicBlock, (2, 2, 2, 2)),
-        34: (XVolutionBasicBlock, (3, 4, 6, 3)),
-        50: (XVolutionBottleneck, (3, 4, 6, 3)),
-        101: (XVolutionBottleneck, (3, 4, 23, 3)),
-    }
-
-    def __init__(
-        self,
-        depth: int,
-        xvolution_stages: Sequence[bool] = (False, False, True, False),
-        deploy: bool = False,
-        **kwargs,
-    ) -> None:
-        if len(xvolution_stages) != 4:
-            raise ValueError(
-                'xvolution_stages needs one flag per stage (4), '
-                f'got {xvolution_stages!r}'
-            )
-        self.xvolution_stages = tuple(bool(s) for s in xvolution_stages)
-        self.deploy = deploy
-        super().__init__(depth, **kwargs)
-
-    def make_conv3x3(
-        self, stage: int, in_channels: int, out_channels: int, stride: int
-    ) -> nn.Module:
-        if not self.xvolution_stages[stage]:
-            return super().make_conv3x3(
-                stage, in_channels, out_channels, stride
-            )
-        return XVolution(
-            in_channels,
-            out_channels,
-            stride=stride,
-            norm_cfg=self.norm_cfg,
-            deploy=self.deploy,
-        )
-
-    def _zero_init(self) -> None:
-        if not self.zero_init_residual:
-            return
-        for layer in self.res_layers:
-            for block in layer:
-                last = block.last_norm
-                if not isinstance(last, XVolution):
-                    nn.init.zeros_(last.weight)
-                elif not last.deploy:
-                    # The residual branch is zero when both branches are.
-                    nn.init.zeros_(last.conv_bn.weight)
-                    nn.init.zeros_(last.pssa_bn.weight)
-
-    def switch_to_deploy(self) -> None:
-        """Turns every X-volution into its deployed form, in place.
-
-        In eval mode the outputs do not change (up to rounding); frozen
-        stages stay frozen.
-        """
-        for module in self.modules():
-            if isinstance(module, XVolution):
-                module.switch_to_deploy()
-        self.deploy = True
-        self._freeze_stages()
-
-
-def convert_resnet_to_xvolution(
-    checkpoint: Mapping,
-    model: XVolutionResNet | None = None,
-    depth: int | None = None,
-) -> dict[str, Tensor]:
-    """Maps ImageNet ResNet weights onto an :class:`XVolutionResNet`.
-
-    Every module but the X-volutions takes the ResNet's weights under the
-    same name. For an X-volution at ``P`` (e.g. ``layer3.0.conv2``, in block
-    ``B = layer3.0``):
-
-    * the convolution branch is the ResNet's convolution and norm:
-      ``P.conv.weight`` takes ``P.weight`` and ``P.conv_bn`` takes the norm
-      after it, ``B.bn2`` (``B.bn1`` for ``conv1`` of a basic block), which
-      the X-volution ResNet does not have;
-    * ``P.pssa.weight`` keeps its initialisation (seeded, so conversion is
-      deterministic) and ``P.pssa_bn`` starts with scale 0, shift 0 and
-      running statistics 0 and 1: the PSSA branch starts switched off, so the
-      converted backbone computes exactly the pretrained ResNet, and
-      fine-tuning grows the branch (the scale gets a gradient at once).
-
-    Args:
-        checkpoint (Mapping): A torchvision state dict (``conv1.weight``...
-            and a ``fc`` classifier, which is dropped), or an OpenMMLab
-            checkpoint (mmpretrain/mmcls classifier or mmdet detector:
-            ``{'state_dict': {'backbone.conv1.weight', ..., 'head...'}}``,
-            whose ``backbone.`` weights are taken). A ``module.`` prefix
-            (DataParallel) is removed.
-        model (XVolutionResNet, optional): The backbone the weights are for
-            (training form); by default an ``XVolutionResNet`` with X-volution
-            in stage 3 and the depth of the checkpoint.
-        depth (int, optional): Expected depth; read from the keys if None.
-
-    Returns:
-        dict[str, Tensor]: The backbone's state dict, without prefix.
-
-    Raises:
-        KeyError: If keys are missing or unknown (all are named).
-        ValueError: If the checkpoint is no ResNet of a known depth, its
-            depth is not ``depth``, a shape differs, or ``model`` is
-            deployed.
-    """
-    state_dict = _resnet_state_dict(checkpoint)
-    found = _resnet_depth(state_dict)
-    if depth is not None and depth != found:
-        raise ValueError(
-            f'expected a ResNet-{depth}, but the checkpoint '
-            f'holds a ResNet-{found}'
-        )
-    if model is None:
-        # A fixed seed makes the PSSA initialisation, and so the converted
-        # file, the same on every run, without touching the global RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = XVolutionResNet(depth=found)
-            model.init_weights()
-    elif model.depth != found:
-        raise ValueError(
-            f'the model is an XVolutionResNet-{model.depth}, '
-            f'but the checkpoint holds a ResNet-{found}'
-        )
-    if model.deploy:
-        raise ValueError(
-            'convert into the training form (deploy=False); '
-            'deploy afterwards with switch_to_deploy() or '
-            'tools/deploy/reparameterize.py'
-        )
-    expected = model.state_dict()
-    ops = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, XVolution)
-    ]
-    # The ResNet's norm after an X-volution becomes its branch norm.
-    renames = {}
-    for path in ops:
-        block, _, conv = path.rpartition('.')
-        renames[path] = f'{path}.conv'
-        renames[f'{block}.bn{conv.removeprefix("conv")}'] = f'{path}.conv_bn'
-    converted = {}
-    for key, value in state_dict.items():
-        module, dot, name = key.rpartition('.')
-        converted[f'{renames.get(module, module)}{dot}{name}'] = value
-    for path in ops:
-        like = expected[f'{path}.pssa_bn.running_var']
-        converted.update(
-            {
-                f'{path}.pssa.weight': expected[f'{path}.pssa.weight'].clone(),
-                f'{path}.pssa_bn.weight': torch.zeros_like(like),
-                f'{path}.pssa_bn.bias': torch.zeros_like(like),
-                f'{path}.pssa_bn.running_mean': torch.zeros_like(like),
-                f'{path}.pssa_bn.running_var': torch.ones_like(like),
-            }
-        )
-        key = f'{path}.pssa_bn.num_batches_tracked'
-        if key in expected:
-            converted[key] = torch.zeros_like(expected[key])
-    missing = sorted(set(expected) - set(converted))
-    unknown = sorted(set(converted) - set(expected))
-    if missing or unknown:
-        raise KeyError(
-            f'the checkpoint does not map onto XVolutionResNet-{found}: '
-            f'missing keys {describe_keys(missing)}; unknown keys '
-            f'{describe_keys(unknown)}'
-        )
-    for key, value in converted.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(
-                f'{key} has shape {tuple(value.shape)}, '
-                f'expected {tuple(expected[key].shape)}'
-            )
-    return converted
-
-
-def _resnet_state_dict(checkpoint: Mapping) -> dict[str, Tensor]:
-    """Returns the ResNet weights of a checkpoint, without classifier."""
-    state_dict = checkpoint.get('state_dict', checkpoint)
-    if not isinstance(state_dict, Mapping) or not state_dict:
-        raise ValueError('the checkpoint holds no state dict')
-    state_dict = {
-        key.removeprefix('module.'): value for key, value in state_dict.items()
-    }
-    if any(key.startswith('backbone.') for key in state_dict):
-        # OpenMMLab: the classifier or detector around the backbone goes.
-        return {
-            key.removeprefix('backbone.'): value
-            for key, value in state_dict.items()
-            if key.startswith('backbone.')
-        }
-    # torchvision: the ImageNet classifier goes.
-    return {
-        key: value
-        for key, value in state_dict.items()
-        if not key.startswith('fc.')
-    }
-
-
-def _resnet_depth(state_dict: Mapping[str, Tensor]) -> int:
-    """Reads the depth from the blocks per stage and the block type."""
-    blocks = tuple(
-        len(
-            {
-                key.split('.')[1]
-                for key in state_dict
-                if key.startswith(f'layer{stage}.')
-            }
-        )
-        for stage in range(1, 5)
-    )
-    bottleneck = any(key.endswith('.conv3.weight') for key in state_dict)
-    for depth, (block, stage_blocks) in XVolutionResNet.arch_settings.items():
-        if (
-            blocks == stage_blocks
-            and issubclass(block, Bottleneck) == bottleneck
-        ):
-            return depth
-    valid = {
-        depth: stage_blocks
-        for depth, (_, stage_blocks) in XVolutionResNet.arch_settings.items()
-    }
-    raise ValueError(
-        f'not a torchvision-style ResNet of a known depth: blocks per stage '
-        f'{blocks} ({"bottleneck" if bottleneck else "basic"} blocks); '
-        f'valid: {valid}'
-    )

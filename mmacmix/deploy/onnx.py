@@ -178,8 +178,8 @@ def build_backbone(cfg: Mapping, checkpoint: str | None = None) -> nn.Module:
         # The given weights replace whatever init_cfg would load.
         cfg.pop('init_cfg', None)
         if any(key.endswith('.dynamic_weight') for key in state_dict):
-            # Written after switch_to_deploy() (tools/deploy/
-            # reparameterize.py): only the deployed form has these keys.
+            # Written after switch_to_deploy() (mmacmix.deploy.
+            # reparameterize): only the deployed form has these keys.
             cfg['deploy'] = True
     model = MODELS.build(cfg)
     if state_dict is None:
