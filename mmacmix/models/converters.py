@@ -10,11 +10,13 @@ that names it, never a silent skip. The command lines in
 """
 
 import math
+import re
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from .acmix_pvt import ACmixPVT
 from .acmix_resnet import ACmixResNet
 from .acmix_swin import ACMIX_KEYS, ACmixSwinTransformer
 from .resnet import Bottleneck
@@ -394,4 +396,179 @@ def _resnet_depth(
         f'not a torchvision-style ResNet of a known depth: blocks per stage '
         f'{blocks} ({"bottleneck" if bottleneck else "basic"} blocks); '
         f'valid: {valid}'
+    )
+
+
+def convert_pvt_to_acmix(
+    checkpoint: Mapping, model: ACmixPVT | None = None
+) -> dict[str, Tensor]:
+    """Maps plain PVT v1 weights onto an :class:`ACmixPVT`.
+
+    Every plain parameter comes from the checkpoint (its classifier, final
+    norm and class token are dropped). The ACmix parameters of every
+    attention (``attn.fc``, ``attn.dep_conv``, ``attn.rate1``,
+    ``attn.rate2``; :func:`new_acmix_pvt_keys` lists them) are new: ``fc``
+    and the one-hot shift kernels as initialised (seeded, so the result is
+    the same on every run), ``rate1 = 1`` and ``rate2 = 0``. The
+    convolution path thus starts switched off and the converted backbone
+    computes exactly the pretrained PVT; fine-tuning grows the path
+    (``rate2`` gets a gradient at once).
+
+    Args:
+        checkpoint (Mapping): The original ImageNet release (whai362/PVT
+            ``pvt_tiny.pth``..., the file mmdet's PVT configs load and
+            convert: ``patch_embed1.proj.weight``, ``pos_embed1``,
+            ``block1.0.attn.q.weight``...), or weights in the layout of
+            mmdet's ``PyramidVisionTransformer`` (``layers.0.0.projection
+            .weight``...), also inside a detector checkpoint (``backbone.``
+            keys).
+        model (ACmixPVT, optional): The backbone the weights are for; by
+            default one with the architecture read from the keys (one head
+            per 64 channels, as in every PVT).
+
+    Returns:
+        dict[str, Tensor]: The backbone's state dict, without prefix.
+
+    Raises:
+        KeyError: If keys are missing or unknown (all are named).
+        ValueError: If the checkpoint already holds ACmix weights, or a
+            shape differs.
+    """
+    state_dict = source_state_dict(checkpoint)
+    if any(key.startswith('backbone.') for key in state_dict):
+        state_dict = {
+            key.removeprefix('backbone.'): value
+            for key, value in state_dict.items()
+            if key.startswith('backbone.')
+        }
+    acmix = sorted(key for key in state_dict if key.endswith(ACMIX_KEYS))
+    if acmix:
+        raise ValueError(
+            'the checkpoint already holds ACmix weights '
+            f'({describe_keys(acmix)}): load it as it is'
+        )
+    if 'patch_embed1.proj.weight' in state_dict:
+        state_dict = _pvt_release_to_mmdet(state_dict)
+    if model is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = ACmixPVT(**_pvt_settings(state_dict))
+    expected = model.state_dict()
+    converted = dict(state_dict)
+    for key in new_acmix_pvt_keys(expected):
+        if key.endswith('rate1'):
+            converted[key] = torch.ones_like(expected[key])
+        elif key.endswith('rate2'):
+            converted[key] = torch.zeros_like(expected[key])
+        else:
+            converted[key] = expected[key].clone()
+    check_converted(converted, expected, 'this ACmix-PVT architecture')
+    return converted
+
+
+def new_acmix_pvt_keys(state_dict: Mapping[str, Tensor]) -> list[str]:
+    """The keys of an ACmix-PVT state dict that a plain PVT lacks."""
+    return [key for key in state_dict if key.endswith(ACMIX_KEYS)]
+
+
+def _pvt_release_to_mmdet(
+    state_dict: Mapping[str, Tensor],
+) -> dict[str, Tensor]:
+    """Renames the original PVT's keys to those of mmdet's PVT.
+
+    Stage ``s`` of the release (``patch_embed{s}``, ``pos_embed{s}``,
+    ``block{s}.{j}``) is ``layers.{s - 1}`` (``.0``, ``.1.0``,
+    ``.1.{j + 1}``); the separate ``q`` and ``kv`` projections are packed
+    into ``attn.attn.in_proj_*``, ``proj`` is ``attn.attn.out_proj`` and the
+    MLP's linear layers become 1x1 convolutions. The last stage's position
+    embedding loses the class token's entry. Unknown keys are kept as they
+    are, for the key check to name.
+    """
+    renamed = {}
+    for key, value in state_dict.items():
+        root, _, rest = key.partition('.')
+        if root in ('head', 'norm', 'cls_token'):
+            continue  # the classifier, the final norm, the class token
+        staged = re.fullmatch(r'(patch_embed|pos_embed|block)(\d+)', root)
+        if staged is None:
+            renamed[key] = value
+            continue
+        kind, stage = staged[1], int(staged[2]) - 1
+        if kind == 'patch_embed':
+            rest = rest.replace('proj.', 'projection.')
+            renamed[f'layers.{stage}.0.{rest}'] = value
+        elif kind == 'pos_embed':
+            last = f'patch_embed{stage + 2}.proj.weight' not in state_dict
+            if last and 'cls_token' in state_dict:
+                value = value[:, 1:]
+            renamed[f'layers.{stage}.1.0.pos_embed'] = value
+        else:
+            index, _, name = rest.partition('.')
+            prefix = f'layers.{stage}.1.{int(index) + 1}.'
+            module, _, field = name.rpartition('.')
+            q, kv = (f'{root}.{index}.attn.{p}.{field}' for p in ('q', 'kv'))
+            if module in ('attn.q', 'attn.kv') and {q, kv} <= set(state_dict):
+                if module == 'attn.q':
+                    packed = torch.cat([value, state_dict[kv]])
+                    renamed[f'{prefix}attn.attn.in_proj_{field}'] = packed
+                continue
+            if module in _PVT_MLP and field == 'weight':
+                value = value[:, :, None, None]
+            module = _PVT_RENAMES.get(module, module)
+            renamed[f'{prefix}{module}.{field}'] = value
+    return renamed
+
+
+# Modules of a released PVT block whose mmdet names differ.
+_PVT_MLP = {'mlp.fc1': 'ffn.layers.0', 'mlp.fc2': 'ffn.layers.3'}
+_PVT_RENAMES = {'attn.proj': 'attn.attn.out_proj', **_PVT_MLP}
+
+
+def _pvt_settings(state_dict: Mapping[str, Tensor]) -> dict:
+    """Reads the constructor arguments of :class:`ACmixPVT` from the keys
+    of mmdet's layout."""
+    stem = 'layers.0.0.projection.weight'
+    if stem not in state_dict:
+        raise KeyError(
+            'not a PVT checkpoint: it has neither patch_embed1.proj.weight '
+            f'(original release) nor {stem} (mmdet) (keys start with '
+            f'{describe_keys(sorted(state_dict))})'
+        )
+    embed_dims, depths, patch_sizes, sr_ratios, mlp_ratios = [], [], [], [], []
+    stage = 0
+    while f'layers.{stage}.0.projection.weight' in state_dict:
+        projection = state_dict[f'layers.{stage}.0.projection.weight']
+        block = f'layers.{stage}.1.1.'
+        hidden = state_dict.get(f'{block}ffn.layers.0.weight')
+        if hidden is None:
+            raise KeyError(
+                f'not a PVT checkpoint: {block}ffn.layers.0.weight is missing'
+            )
+        dims = projection.shape[0]
+        embed_dims.append(dims)
+        depths.append(
+            len(
+                {
+                    key.split('.')[3]
+                    for key in state_dict
+                    if key.startswith(f'layers.{stage}.1.')
+                }
+                - {'0'}  # the position embedding
+            )
+        )
+        patch_sizes.append(projection.shape[-1])
+        reduction = state_dict.get(f'{block}attn.sr.weight')
+        sr_ratios.append(1 if reduction is None else reduction.shape[-1])
+        mlp_ratios.append(hidden.shape[0] / dims)
+        stage += 1
+    heads = [max(dims // 64, 1) for dims in embed_dims]
+    grid = math.isqrt(state_dict['layers.0.1.0.pos_embed'].shape[1])
+    return dict(
+        arch=dict(embed_dims=embed_dims, depths=depths, num_heads=heads),
+        in_channels=state_dict[stem].shape[1],
+        pretrain_img_size=grid * patch_sizes[0],
+        patch_sizes=patch_sizes,
+        sr_ratios=sr_ratios,
+        mlp_ratios=mlp_ratios,
+        qkv_bias='layers.0.1.1.attn.attn.in_proj_bias' in state_dict,
     )
