@@ -252,3 +252,66 @@ def test_acmix_swin_under_bfloat16_autocast():
             assert value > MIN_COSINE, result
         else:
             assert value < SWIN_TOLERANCE, (key, result)
+
+
+def _attention_input_dtypes(
+    model: nn.Module, x: Tensor, device: str, dtype: torch.dtype, monkeypatch
+) -> set:
+    """Dtypes and ranks of the attention inputs during one autocast
+    forward: the local-attention op (ACmix-ResNet) or SDPA (ACmix-Swin)."""
+    import mmacmix.models.acmix as acmix_module
+    import mmacmix.models.acmix_swin as swin_module
+
+    seen = set()
+
+    def spy(function):
+        def record(*args, **kwargs):
+            seen.update((t.dtype, t.dim()) for t in args[:3])
+            return function(*args, **kwargs)
+
+        return record
+
+    monkeypatch.setattr(
+        acmix_module, 'local_attention', spy(acmix_module.local_attention)
+    )
+    sdpa = spy(F.scaled_dot_product_attention)
+    monkeypatch.setattr(swin_module.F, 'scaled_dot_product_attention', sdpa)
+    with torch.autocast(device, dtype=dtype):
+        model.to(device)(x.to(device))
+    return seen
+
+
+HALF_PRECISION_CASES = [
+    ('cpu', torch.bfloat16),
+    pytest.param(
+        'cuda',
+        torch.float16,
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason='no CUDA device'
+        ),
+    ),
+    pytest.param(
+        'cuda',
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason='no CUDA device'
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize('device, dtype', HALF_PRECISION_CASES)
+def test_attention_stays_in_half_precision(device, dtype, monkeypatch):
+    # Nothing upcasts q, k and v before the attention: the local-attention
+    # op gets half tensors (its kernels accumulate in float32), and Swin's
+    # window attention gets 4-d (batch, heads, tokens, dims) half tensors,
+    # the form CUDA's fused attention kernels take.
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 40, 56)
+    resnet = ACmixResNet(depth=26, out_indices=(0,))
+    seen = _attention_input_dtypes(resnet, x, device, dtype, monkeypatch)
+    assert seen == {(dtype, 4)}
+    swin = ACmixSwinTransformer(arch='tiny', out_indices=(0,))
+    monkeypatch.undo()
+    seen = _attention_input_dtypes(swin, x, device, dtype, monkeypatch)
+    assert seen == {(dtype, 4)}

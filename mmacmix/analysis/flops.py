@@ -37,11 +37,8 @@ from mmacmix.apis import load_config
 from mmacmix.apis.dist import replace_sync_bn
 from mmacmix.models.acmix import ACmix, ACmixBase
 
-# Custom autograd functions as they appear in a traced graph.
-LOCAL_ATTENTION_OPS = (
-    'prim::PythonOp._LocalAttentionNative',
-    'prim::PythonOp._LocalAttentionLoop',
-)
+# The registered local-attention op as it appears in a traced graph.
+LOCAL_ATTENTION_OPS = ('mmacmix::local_attention',)
 # Operators that cost nothing worth counting (shape bookkeeping, copies).
 FREE_OPS = (
     'aten::index_select',

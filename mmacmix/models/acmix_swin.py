@@ -189,21 +189,31 @@ class ACmixWindowAttention(ACmixBase):
             x.permute(0, 3, 1, 2), self.qkv.weight, self.qkv.bias
         )
         rows, cols = h // window, w // window
+        tokens = window * window
         qkv = qkv.view(
             b, rows, window, cols, window, 3, self.num_heads, self.head_dims
-        )
-        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
-            3, b, rows * cols, self.num_heads, window * window, self.head_dims
-        )
+        ).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        # CUDA's fused attention kernels take 4-d (batch, heads, tokens,
+        # dims) inputs, with a bias that broadcasts over the batch. Without
+        # a mask every window shares the (heads, N, N) position bias: batch
+        # = windows. The shifted-window mask differs per window, so the
+        # windows of an image join the heads and the batch is the images.
         bias = self.relative_position_bias(window)
-        if mask is not None:
-            bias = bias + mask.unsqueeze(1)
+        if mask is None:
+            batch, heads = b * rows * cols, self.num_heads
+        else:
+            batch, heads = b, rows * cols * self.num_heads
+            bias = (mask.unsqueeze(1) + bias).reshape(heads, tokens, tokens)
+        q, k, v = qkv.reshape(3, batch, heads, tokens, self.head_dims)
         attn = F.scaled_dot_product_attention(
-            *qkv.unbind(0),
+            q,
+            k,
+            v,
             attn_mask=bias,
             dropout_p=self.attn_drop_rate if self.training else 0.0,
         )
-        attn = attn.view(
+        # reshape: fused kernels may return a (batch, tokens, heads) layout.
+        attn = attn.reshape(
             b, rows, cols, self.num_heads, window, window, self.head_dims
         )
         attn = attn.permute(0, 1, 4, 2, 5, 3, 6).reshape(
@@ -736,4 +746,3 @@ class ACmixSwinTransformer(BaseModule):
                 out = out.view(-1, *out_shape, self.out_channels[stage])
                 outs.append(out.permute(0, 3, 1, 2).contiguous())
         return tuple(outs)
-
