@@ -25,6 +25,7 @@ from torch import nn
 from mmacmix.deploy import build_backbone, export_onnx, load_backbone_cfg
 from mmacmix.models import (
     ACmix,
+    ACmixPVT,
     ACmixResNet,
     ACmixSwinTransformer,
     XVolution,
@@ -35,6 +36,10 @@ local_attention_module = importlib.import_module('mmacmix.ops.local_attention')
 
 ATOL = 1e-4
 TINY_SWIN = dict(embed_dims=12, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1))
+# PVT's heads; stages 1-2 fuse the convolution path, 3-4 factorise it.
+TINY_PVT = dict(
+    embed_dims=(8, 16, 40, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 5, 8)
+)
 
 
 def export(
@@ -253,6 +258,26 @@ def test_acmix_swin_keeps_padding_and_masks_dynamic(tmp_path):
     diffs = onnx_differences(out, model, [(225, 301), (260, 250)], batch=1)
     assert max(diffs) < ATOL, diffs
 
+
+def test_acmix_pvt_pads_and_reduces_for_any_size(tmp_path):
+    torch.manual_seed(0)
+    model = randomised(ACmixPVT(arch=TINY_PVT, drop_path_rate=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(('rate1', 'rate2', 'dep_conv.weight')):
+                param.uniform_(-1, 1)
+    checkpoint = save_backbone(model, tmp_path / 'pvt.pth')
+    out = tmp_path / 'pvt.onnx'
+    cfg = (
+        '{"type": "mmacmix.ACmixPVT", "arch": {"embed_dims": [8, 16, 40, '
+        '64], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 5, 8]}}'
+    )
+    # Traced at 256x256, where nothing is padded; checked below.
+    export(checkpoint, out, backbone_cfg=cfg, verify_sizes=[])
+    assert {'Resize', 'Pad', 'Conv'} <= standard_ops_only(out)
+    # Every patch embedding and spatial reduction pads, down to 1x1 maps.
+    diffs = onnx_differences(out, model, [(97, 131), (5, 3)])
+    assert max(diffs) < ATOL, diffs
 
 def test_swin_sizes_with_other_windows_are_refused(tmp_path):
     model = ACmixSwinTransformer(arch=TINY_SWIN).eval()

@@ -196,7 +196,9 @@ class ACmixSRAttention(ACmixBase):
         Returns:
             Tensor: ``(B, H * W, C)``.
         """
-        b, n, c = x.shape
+        # The widths as Python numbers: traced for ONNX, the sizes of the
+        # weights' slices and padding would otherwise become graph values.
+        (b, n, _), c = x.shape, self.embed_dims
         heads, dims, sr = self.num_heads, self.head_dims, self.sr_ratio
         weight, bias = self.attn.in_proj_weight, self.attn.in_proj_bias
         q_bias = kv_bias = None
@@ -235,7 +237,10 @@ class ACmixSRAttention(ACmixBase):
                 [x_map, self.upsample(source, source_shape, hw_shape)], dim=1
             )
             projection = torch.cat(
-                [F.pad(weight[:c], (0, c)), F.pad(weight[c:], (c, 0))]
+                [
+                    torch.cat([weight[:c], weight.new_zeros(c, c)], dim=1),
+                    torch.cat([weight.new_zeros(2 * c, c), weight[c:]], dim=1),
+                ]
             )
             convolution = self.fused_conv_path(inputs, projection, bias)
         else:
