@@ -279,6 +279,7 @@ def test_acmix_pvt_pads_and_reduces_for_any_size(tmp_path):
     diffs = onnx_differences(out, model, [(97, 131), (5, 3)])
     assert max(diffs) < ATOL, diffs
 
+
 def test_swin_sizes_with_other_windows_are_refused(tmp_path):
     model = ACmixSwinTransformer(arch=TINY_SWIN).eval()
     with pytest.raises(ValueError, match='at least 225 pixels.*224, 256'):
