@@ -18,8 +18,19 @@ A second table isolates the attention: ``attention`` and
 ``attention-reference`` run only the window attention (4 heads of the
 input as q, k and v) with the fast function and the unfold computation.
 
-A third table compares X-volution's training form (``xvolution``) with its
-deployed single-operator form (``xvolution-deploy``), both in eval mode.
+``--tables builds --other-build PATH`` times the attention of this build
+of the compiled CPU kernel against another build of it (an ``_ext*.so``
+from another commit), in turns in one process.
+
+A third table times X-volution against the 3x3 convolution, all cases
+taking turns at each shape (see :func:`xvolution_row`): in eval mode, the
+forward pass of the training form (``xvolution``: convolution and PSSA
+branches, each with its batch norm), of the deployed single operator
+(``xvolution-deploy``) and of X-volution (SA) (``xvolution-sa``: global
+self-attention branch); in train mode, forward + backward of the training
+forms. X-volution (SA) runs where the map has at most
+``SA_MAX_TOKENS_CPU`` positions on CPU (its attention is quadratic in
+them), everywhere on CUDA.
 
 ``--backbone`` adds whole backbones (1 x 3 x 512 x 512 on CPU,
 2 x 3 x 800 x 1216 on CUDA): ACmix-ResNet-50 (fast and reference) against
@@ -57,6 +68,7 @@ Usage::
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import math
 import statistics
@@ -85,13 +97,24 @@ BACKBONE_TABLES = {
     'resnet': ('resnet50', 'acmix-r50', 'acmix-r50-reference'),
     'swin': ('swin-t', 'acmix-swin-t'),
 }
-# Both X-volution forms in eval mode, where they compute the same function
-# (the deploy form folds the branch norms' running statistics).
-XVOLUTION_CASES = ('conv', 'xvolution', 'xvolution-deploy')
+# X-volution table: (case, pass) columns, all timed in turns.
+XVOLUTION_CASES = (
+    ('conv', 'forward'),
+    ('xvolution', 'forward'),
+    ('xvolution-deploy', 'forward'),
+    ('xvolution-sa', 'forward'),
+    ('conv', 'train'),
+    ('xvolution', 'train'),
+    ('xvolution-sa', 'train'),
+)
+# Global attention over more positions takes minutes per pass on a CPU.
+SA_MAX_TOKENS_CPU = 4096
 TABLES = {
     'acmix': OP_CASES,
     'attention': ATTENTION_CASES,
     'xvolution': XVOLUTION_CASES,
+    # Needs --other-build: this build of the CPU kernel against another.
+    'builds': ('attention-other-build', 'attention'),
 }
 
 
@@ -140,6 +163,40 @@ def reference_attention() -> Iterator[list]:
         acmix_module.local_attention = original
 
 
+class OtherBuild(torch.autograd.Function):
+    """The local attention on a second build of the compiled CPU kernel.
+
+    ``--other-build PATH`` loads it (an ``_ext*.so`` built from another
+    commit, for example), so that two builds are timed side by side in one
+    process, in turns, with the rest of the code the same.
+    """
+
+    ext = None
+
+    @staticmethod
+    def load(path: str) -> None:
+        # The module name must stay `_ext`: it names the init function.
+        spec = importlib.util.spec_from_file_location('_ext', path)
+        OtherBuild.ext = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(OtherBuild.ext)
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        out, lse = OtherBuild.ext.local_attention_forward(q, k, v, 7, 1)
+        ctx.save_for_backward(q, k, v, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, lse = ctx.saved_tensors
+        return tuple(
+            OtherBuild.ext.local_attention_backward(
+                grad_out.contiguous(), q, k, v, lse, 7, 1
+            )
+        )
+
+
 class AttentionOnly(nn.Module):
     """The attention path alone: the input's 4 heads as q, k and v."""
 
@@ -171,6 +228,8 @@ def build_case(
         module = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     elif case == 'attention':
         module = AttentionOnly(local_attention)
+    elif case == 'attention-other-build':
+        module = AttentionOnly(OtherBuild.apply)
     elif case == 'attention-reference':
         module = AttentionOnly(unfold_attention)
     elif case in ('acmix', 'reference'):
@@ -179,6 +238,8 @@ def build_case(
         module = XVolution(channels, channels)
         if case == 'xvolution-deploy':
             module.switch_to_deploy()
+    elif case == 'xvolution-sa':
+        module = XVolution(channels, channels, attention='global')
     elif case == 'resnet50':
         module = PlainResNet(depth=50)
     elif case in ('acmix-r50', 'acmix-r50-reference'):
@@ -193,8 +254,6 @@ def build_case(
     else:
         raise ValueError(f'unknown case {case!r}')
     module = module.to(device).train()
-    if case.startswith('xvolution'):
-        module.eval()
     x = torch.randn(shape, device=device, requires_grad=True)
     if case in ('reference', 'acmix-r50-reference'):
         return module, x, reference_attention
@@ -318,6 +377,7 @@ def measure_memory(
         str(torch.get_num_threads()),
         '--child-memory',
         json.dumps(spec),
+        *(['--other-build', args.other_build] if args.other_build else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -403,6 +463,126 @@ def print_table(rows: list[dict], cases: tuple[str, ...]) -> None:
             print('-+-'.join('-' * w for w in widths))
 
 
+def time_in_turns(
+    passes: dict[object, Callable[[], object]],
+    device: str,
+    repeats: int,
+    warmup: int,
+) -> dict[object, float]:
+    """Median seconds of each pass, all warmed up, then timed in turns."""
+    for run in passes.values():
+        for _ in range(warmup):
+            run()
+    times = {key: [] for key in passes}
+    for _ in range(repeats):
+        for key, run in passes.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def xvolution_row(shape: tuple[int, ...], args: argparse.Namespace) -> dict:
+    """Times the X-volution columns at one shape, all in turns.
+
+    ``forward`` passes run in eval mode without gradients, ``train``
+    passes are forward + backward in train mode. The training and deployed
+    forms start from the same weights, so their eval outputs agree; their
+    largest difference is reported.
+    """
+    tokens = shape[2] * shape[3]
+    columns = [
+        (case, kind)
+        for case, kind in XVOLUTION_CASES
+        if case != 'xvolution-sa'
+        or args.device == 'cuda'
+        or tokens <= SA_MAX_TOKENS_CPU
+    ]
+    modules = {
+        case: build_case(case, shape, args.device)[0] for case, _ in columns
+    }
+    x = torch.randn(shape, device=args.device, requires_grad=True)
+    autocast = AUTOCAST[args.autocast]
+    # Before any train pass moves the training form's running statistics.
+    with torch.no_grad():
+        trained = modules['xvolution'].eval()(x)
+        deployed = modules['xvolution-deploy'].eval()(x)
+    max_abs_diff = (trained - deployed).abs().max().item()
+
+    def run(case: str, kind: str) -> Tensor:
+        module = modules[case].train(kind == 'train')
+        if kind == 'train':
+            return forward_backward(module, x, autocast)
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                x.device.type, dtype=autocast, enabled=autocast is not None
+            ),
+        ):
+            return module(x)
+
+    times = time_in_turns(
+        {column: (lambda c=column: run(*c)) for column in columns},
+        args.device,
+        args.repeats,
+        args.warmup,
+    )
+    row = {
+        'shape': 'x'.join(map(str, shape)),
+        'times': times,
+        'max_abs_diff': max_abs_diff,
+    }
+    for (case, kind), seconds in times.items():
+        print(f'  {row["shape"]} {case} {kind}: {seconds * 1e3:.1f} ms')
+    return row
+
+
+def print_xvolution_table(rows: list[dict]) -> None:
+    """Prints the X-volution times (ms) and their ratios to the conv."""
+    header = [
+        'shape',
+        *(f'{case} {kind} ms' for case, kind in XVOLUTION_CASES),
+        'deploy/conv fwd',
+        'deploy/xvolution fwd',
+        'sa/conv fwd',
+        'xvolution/conv train',
+        'sa/conv train',
+        'max|diff|',
+    ]
+    table = [header]
+    for row in rows:
+        t = row['times']
+        table.append(
+            [
+                row['shape'],
+                *(
+                    f'{t[column] * 1e3:.1f}' if column in t else 'skipped'
+                    for column in XVOLUTION_CASES
+                ),
+                ratio(
+                    t[('xvolution-deploy', 'forward')], t[('conv', 'forward')]
+                ),
+                ratio(
+                    t[('xvolution-deploy', 'forward')],
+                    t[('xvolution', 'forward')],
+                ),
+                ratio(
+                    t.get(('xvolution-sa', 'forward')), t[('conv', 'forward')]
+                ),
+                ratio(t[('xvolution', 'train')], t[('conv', 'train')]),
+                ratio(t.get(('xvolution-sa', 'train')), t[('conv', 'train')]),
+                f'{row["max_abs_diff"]:.1e}',
+            ]
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for index, line in enumerate(table):
+        print(' | '.join(cell.rjust(w) for cell, w in zip(line, widths)))
+        if index == 0:
+            print('-+-'.join('-' * w for w in widths))
+
+
 AUTOCAST = {'none': None, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
@@ -439,14 +619,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         '--tables',
         nargs='*',
         choices=sorted(TABLES),
-        default=list(TABLES),
-        help='which tables to run (default: all; none with --backbone for '
-        'the backbone alone)',
+        default=['acmix', 'attention', 'xvolution'],
+        help='which tables to run (default: acmix attention xvolution; '
+        'none with --backbone for the backbones alone)',
     )
     parser.add_argument(
         '--repeats', type=int, help='timed passes (default: 5 cpu, 20 cuda)'
     )
     parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument(
+        '--other-build',
+        help="for --tables builds: another build's mmacmix/ops/_ext*.so, "
+        'timed against this one',
+    )
     parser.add_argument('--child-memory', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     on_cuda = args.device == 'cuda'
@@ -458,6 +643,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error('--repeats, --warmup and --batch must be >= 1')
     if args.backbone == []:
         args.backbone = sorted(BACKBONE_TABLES)
+    if 'builds' in args.tables and not args.other_build:
+        parser.error('--tables builds needs --other-build')
     if on_cuda and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device')
     return args
@@ -470,6 +657,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.other_build:
+        OtherBuild.load(args.other_build)
     if args.child_memory:
         spec = json.loads(args.child_memory)
         value = measure_memory_here(
@@ -498,10 +687,13 @@ def main(argv: list[str] | None = None) -> None:
     shapes = [(args.batch, *stage) for stage in STAGES]
     if args.quick:
         shapes = shapes[2:]
-    for cases in (TABLES[name] for name in args.tables):
-        rows = [run_shape(shape, cases, args) for shape in shapes]
+    for name in args.tables:
         print()
-        print_table(rows, cases)
+        if name == 'xvolution':
+            print_xvolution_table([xvolution_row(s, args) for s in shapes])
+        else:
+            rows = [run_shape(shape, TABLES[name], args) for shape in shapes]
+            print_table(rows, TABLES[name])
         print()
     for name in args.backbone or []:
         cases = BACKBONE_TABLES[name]
