@@ -355,9 +355,3 @@ def save_atomically(payload: object, path: str, force: bool = False) -> None:
     check_destination(path, force, 'checkpoint')
     with atomic_path(path) as partial, open(partial, 'wb') as file:
         torch.save(payload, file)
-
-
-def refuse_existing(path: str, force: bool) -> None:
-    """Checks that a checkpoint can be written at ``path`` before any work
-    (see :func:`mmacmix.fileio.check_destination`)."""
-    check_destination(path, force, 'checkpoint')

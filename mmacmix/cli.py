@@ -2,12 +2,14 @@
 
 Expected failures (a missing, unreadable or misplaced file, a checkpoint
 that does not fit the model, a bad argument, a launcher started outside its
-environment) raise ``OSError``, ``ValueError`` or
-:class:`~mmacmix.checkpoint.KeyMismatchError` in the tools.
-:func:`exit_on_error` prints them as one line, ``error: MESSAGE``, on stderr
-and exits with status 1. Any other exception is a bug and keeps its
-traceback. ``--debug`` (every tool has it) or ``MMACMIX_DEBUG=1`` shows the
-traceback of expected failures too.
+environment) raise ``OSError`` or ``ValueError`` in the tools, or a
+``KeyError`` that carries a sentence (:class:`~mmacmix.checkpoint.
+KeyMismatchError`, the converters' key checks, MMEngine's registry for an
+unknown type). :func:`exit_on_error` prints them as one line,
+``error: MESSAGE``, on stderr and exits with status 1. Any other exception,
+a ``KeyError`` of a bare key included, is a bug and keeps its traceback.
+``--debug`` (every tool has it) or ``MMACMIX_DEBUG=1`` shows the traceback
+of expected failures too.
 """
 
 import argparse
@@ -19,14 +21,12 @@ from collections.abc import Callable, Iterator, Mapping
 from torch import Tensor
 
 from mmacmix.checkpoint import (
-    KeyMismatchError,
     read_checkpoint,
-    refuse_existing,
     write_backbone_checkpoint,
 )
+from mmacmix.fileio import check_destination
 
 DEBUG_VARIABLE = 'MMACMIX_DEBUG'
-EXPECTED_ERRORS = (OSError, ValueError, KeyMismatchError)
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -53,10 +53,15 @@ def exit_on_error(debug: bool = False) -> Iterator[None]:
     """
     try:
         yield
-    except EXPECTED_ERRORS as error:
+    except (OSError, ValueError, KeyError) as error:
+        message = str(error)
+        if isinstance(error, KeyError):
+            message = error.args[0] if len(error.args) == 1 else ''
+            if not isinstance(message, str) or ' ' not in message:
+                raise  # a dictionary lookup that failed: a bug
         if debug or os.environ.get(DEBUG_VARIABLE, '0') not in ('', '0'):
             raise
-        message = ' '.join(str(error).split())
+        message = ' '.join(message.split())
         print(f'error: {message}', file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
@@ -106,7 +111,7 @@ def convert_cli(
         options.append(parser.add_argument(flag, **kwargs).dest)
     args = parser.parse_args(argv)
     with exit_on_error(args.debug):
-        refuse_existing(args.dst, args.force)
+        check_destination(args.dst, args.force, 'checkpoint')
         state_dict = convert(
             read_checkpoint(args.src),
             **{name: getattr(args, name) for name in options},

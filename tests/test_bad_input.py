@@ -348,7 +348,7 @@ def test_export_cli_rejects_bad_arguments_and_writes_nothing(
         # A checkpoint of another depth: every unexpected key is named.
         (
             ['--backbone-cfg', resnet, wrong, out],
-            "missing keys [], unexpected keys ['layer1.1.bn1.bias'",
+            "0 missing keys [], 232 unexpected keys ['layer1.1.bn1.bias'",
         ),
     ]
     before = listing(tmp_path)

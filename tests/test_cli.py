@@ -68,6 +68,7 @@ def test_expected_errors_exit_1_with_one_line(capsys, monkeypatch):
         FileNotFoundError("checkpoint 'a.pth'\ndoes not exist"),
         ValueError('bad value'),
         KeyMismatchError('a.pth does not fit X'),
+        KeyError('Nope is not in the mmacmix::model registry'),
     ):
         with pytest.raises(SystemExit) as exit_info:
             with exit_on_error():
@@ -491,3 +492,106 @@ def test_slurm_scripts_outside_slurm(script, args, tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith('error: srun not found;')
     assert result.stdout == ''
+
+
+# Deployment and analysis tools.
+
+
+def test_pretrained_without_prefix_is_told_to_add_it(tmp_path):
+    converted = tmp_path / 'converted.pth'
+    weights = XVolutionResNet(depth=18).state_dict()
+    torch.save(
+        {'state_dict': {f'backbone.{k}': v for k, v in weights.items()}},
+        converted,
+    )
+    model = MODELS.build(
+        dict(
+            type='mmacmix.XVolutionResNet',
+            depth=18,
+            init_cfg=dict(type='Pretrained', checkpoint=str(converted)),
+        )
+    )
+    with pytest.raises(KeyMismatchError) as error:
+        model.init_weights()
+    assert "Its keys carry the prefix 'backbone.'" in str(error.value)
+    assert "prefix='backbone.'" in str(error.value)
+
+
+def test_reparameterize_refuses_a_deployed_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / 'xvolution.py'
+    config.write_text(
+        "custom_imports = dict(imports=['mmacmix'])\n"
+        "model = dict(type='mmacmix.XVolutionResNet', depth=18)\n"
+    )
+    deployed = XVolutionResNet(depth=18)
+    deployed.switch_to_deploy()
+    checkpoint = tmp_path / 'deployed.pth'
+    meta = dict(deploy=True, cfg_options=['model.deploy=True'])
+    torch.save({'state_dict': deployed.state_dict(), 'meta': meta}, checkpoint)
+    main = tool('deploy/reparameterize.py')
+    code, err = run(main, [config, checkpoint, 'out.pth'], capsys)
+    assert code == 1
+    assert error_line(err) == (
+        f"error: '{checkpoint}' is re-parameterised (deployed) already; "
+        'expected a trained checkpoint. Load it as it is, with '
+        '--cfg-options model.deploy=True'
+    )
+    (tmp_path / 'folder').mkdir()
+    code, err = run(main, [config, 'absent.pth', 'folder'], capsys)
+    assert code == 1
+    assert "checkpoint 'folder' is a folder" in error_line(err)
+    assert listing(tmp_path) == ['deployed.pth', 'folder', 'xvolution.py']
+
+
+def test_export_destination_is_checked_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'a_file').write_text('x')
+    main = tool('deploy/export_onnx.py')
+    for out, message in (
+        ('.', "ONNX file '.' is a folder"),
+        ('a_file/m.onnx', "ONNX file 'a_file/m.onnx' lies under"),
+    ):
+        code, err = run(main, ['absent.py', out], capsys)
+        assert code == 1
+        assert message in error_line(err)
+    assert listing(tmp_path) == ['a_file']
+
+
+def test_drop_in_config_exports(tmp_path, capsys):
+    """mmdet's ResNet with ACmix in stage 4, built in mmdet's scope."""
+    pytest.importorskip('onnxruntime')
+    config = tmp_path / 'drop_in.py'
+    base = REPO / 'configs/drop_in/mask-rcnn_r50-acmix-c3-c5_fpn_1x_coco.py'
+    config.write_text(
+        f'_base_ = {str(base)!r}\n'
+        'model = dict(backbone=dict(\n'
+        '    init_cfg=None, stage_with_dcn=(False, False, False, True)))\n'
+    )
+    out = tmp_path / 'drop_in.onnx'
+    size = ['64', '64']
+    code, _ = run(
+        tool('deploy/export_onnx.py'),
+        [config, out, '--shape', *size, '--verify-shape', *size],
+        capsys,
+    )
+    # The graph was checked against PyTorch before it was written.
+    assert code == 0
+    assert out.stat().st_size > 1e6  # the weights of ResNet-50
+
+
+def test_get_flops_shape_must_be_positive(capsys):
+    main = tool('analysis/get_flops.py')
+    for shape in (['0', '64'], ['-3', '64'], ['a', '64']):
+        code, err = run(
+            main,
+            ['--backbone', 'mmacmix.ACmixResNet', '--shape', *shape],
+            capsys,
+        )
+        assert code == 2
+        assert f'expected a positive integer, got {shape[0]!r}' in err
+    code, err = run(main, ['--backbone', 'mmacmix.Nope'], capsys)
+    assert code == 1
+    assert 'mmacmix.Nope is not in the' in error_line(err)

@@ -7,9 +7,16 @@ image batches, and the ``nn.Conv2d`` signature of the drop-in operators.
 import os.path as osp
 from collections.abc import Callable, Mapping, Sequence
 
-import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch import Tensor, nn
+
+from mmacmix.checkpoint import (
+    KeyMismatchError,
+    describe_keys,
+    load_state_dict_strictly,
+    read_checkpoint,
+    state_dict_of,
+)
 
 
 def init_weights_strictly(
@@ -61,75 +68,49 @@ def load_pretrained(
 
     Raises:
         FileNotFoundError: If a local ``checkpoint`` does not exist.
-        KeyError: If the prefix matches nothing, or keys are missing or
-            unexpected (all are named).
+        KeyMismatchError: If the prefix matches nothing, or keys are
+            missing or unexpected (the first are named, with what the file
+            seems to hold).
     """
-    state_dict = read_state_dict(checkpoint)
+    state_dict = found = read_state_dict(checkpoint)
     if prefix:
         state_dict = {
             key[len(prefix) :]: value
-            for key, value in state_dict.items()
+            for key, value in found.items()
             if key.startswith(prefix)
         }
         if not state_dict:
-            raise KeyError(
-                f'no key of {checkpoint} starts with the prefix {prefix!r}'
+            raise KeyMismatchError(
+                f'no key of {checkpoint} starts with the prefix {prefix!r}; '
+                'its keys start with '
+                f'{describe_keys(sorted({k.split(".")[0] for k in found}))}'
+                ': give one of these as prefix, or none if the file holds '
+                'this module alone'
             )
     load_state_dict_strictly(module, state_dict, checkpoint)
 
 
-def load_state_dict_strictly(
-    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
-) -> None:
-    """``load_state_dict`` that names every missing and unexpected key.
-
-    Loading non-strictly and checking the result (rather than comparing key
-    sets first) lets load-state-dict pre-hooks of the model adapt keys.
-
-    Raises:
-        KeyError: If keys are missing or unexpected.
-    """
-    result = module.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise KeyError(
-            f'{source} does not fit {type(module).__name__}: missing '
-            f'keys {describe_keys(sorted(result.missing_keys))}, unexpected '
-            f'keys {describe_keys(sorted(result.unexpected_keys))}. '
-            'Official checkpoints must be converted first '
-            '(tools/model_converters/).'
-        )
-
-
-def read_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
+def read_state_dict(checkpoint: str) -> Mapping[str, Tensor]:
     """Reads the state dict of a checkpoint file or URL.
 
     Local files are read with ``weights_only=False`` so that Runner
     checkpoints (which hold more than tensors) load on torch >= 2.6.
+
+    Raises:
+        FileNotFoundError: If a local ``checkpoint`` does not exist.
+        ValueError: If it is unreadable or holds no state dict.
     """
-    if '://' not in checkpoint:
-        if not osp.isfile(checkpoint):
-            raise FileNotFoundError(
-                f'pretrained checkpoint {checkpoint!r} does not exist; '
-                'convert the official weights first (see README, '
-                '"Converting checkpoints")'
-            )
-        data = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    else:
+    if '://' in checkpoint:
         data = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    if isinstance(data, dict) and isinstance(data.get('state_dict'), dict):
-        data = data['state_dict']
-    if not isinstance(data, dict) or not all(
-        isinstance(v, torch.Tensor) for v in data.values()
-    ):
-        raise ValueError(f'{checkpoint} holds no state dict')
-    return data
-
-
-def describe_keys(keys: list[str], limit: int = 8) -> str:
-    """Lists ``keys`` for an error message, the first ``limit`` by name."""
-    if len(keys) <= limit:
-        return str(keys)
-    return f'{keys[:limit]} and {len(keys) - limit} more'
+    elif not osp.exists(checkpoint):
+        raise FileNotFoundError(
+            f'pretrained checkpoint {checkpoint!r} does not exist; '
+            'convert the official weights first (see README, '
+            '"Converting checkpoints")'
+        )
+    else:
+        data = read_checkpoint(checkpoint)
+    return state_dict_of(data, checkpoint)
 
 
 def square_argument(owner: str, name: str, value: int | Sequence[int]) -> int:

@@ -22,6 +22,7 @@ from mmacmix.analysis import (
     build_from_config,
     official_form,
 )
+from mmacmix.cli import add_debug_flag, exit_on_error, positive_int
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         '--shape',
-        type=int,
+        type=positive_int,
         nargs=2,
         default=[224, 224],
         metavar=('H', 'W'),
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='count the ACmix convolution path as the paper does (fc and '
         'shift convolution) instead of the fused dense convolution that runs',
     )
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if (args.config is None) == (args.backbone is None):
         parser.error('give either CONFIG or --backbone TYPE [KEY=VALUE ...]')
@@ -65,24 +67,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.backbone:
-        type_name, *pairs = args.backbone
-        options = {}
-        for pair in pairs:
-            key, _, value = pair.partition('=')
-            options[key] = DictAction._parse_iterable(value)
-        model, inputs = build_backbone(type_name, options, args.shape)
-        what = f'{type_name}({", ".join(pairs)})'
-    else:
-        model, inputs = build_from_config(
-            args.config, args.backbone_only, args.shape, args.cfg_options
+    with exit_on_error(args.debug):
+        if args.backbone:
+            type_name, *pairs = args.backbone
+            options = {}
+            for pair in pairs:
+                key, _, value = pair.partition('=')
+                options[key] = DictAction._parse_iterable(value)
+            model, inputs = build_backbone(type_name, options, args.shape)
+            what = f'{type_name}({", ".join(pairs)})'
+        else:
+            model, inputs = build_from_config(
+                args.config, args.backbone_only, args.shape, args.cfg_options
+            )
+            what = args.config + (' (backbone)' if args.backbone_only else '')
+        counting = (
+            official_form() if args.official_form else contextlib.nullcontext()
         )
-        what = args.config + (' (backbone)' if args.backbone_only else '')
-    counting = (
-        official_form() if args.official_form else contextlib.nullcontext()
-    )
-    with counting:
-        result = analyse(model, inputs)
+        with counting:
+            result = analyse(model, inputs)
     height, width = args.shape
     print(f'model:  {what}')
     print(f'input:  1 x 3 x {height} x {width}')

@@ -14,6 +14,7 @@ PyTorch at two sizes before OUT is written; an existing OUT is kept unless
 import argparse
 import warnings
 
+from mmacmix.cli import add_debug_flag, exit_on_error
 from mmacmix.deploy import (
     DEFAULT_ATOL,
     DEFAULT_OPSET,
@@ -21,6 +22,7 @@ from mmacmix.deploy import (
     export_onnx,
     load_backbone_cfg,
 )
+from mmacmix.fileio import check_destination
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         '--force', action='store_true', help='overwrite OUT if it exists'
     )
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     positional = 1 if args.backbone_cfg is None else 0
     if not positional + 1 <= len(args.paths) <= positional + 2:
@@ -82,13 +85,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     rest = args.paths[positional:]
     args.checkpoint = rest[0] if len(rest) == 2 else None
     args.out = rest[-1]
-    args.error = parser.exit
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with exit_on_error(args.debug):
+        check_destination(args.out, args.force, 'ONNX file')
         cfg = load_backbone_cfg(args.config, args.backbone_cfg)
         model = build_backbone(cfg, args.checkpoint)
         if args.checkpoint is None and 'init_cfg' not in cfg:
@@ -110,9 +113,6 @@ def main(argv: list[str] | None = None) -> None:
                 atol=args.atol,
                 force=args.force,
             )
-    except (OSError, KeyError, ValueError) as error:
-        message = error.args[0] if isinstance(error, KeyError) else error
-        args.error(1, f'error: {message}\n')
     checked = ', '.join(
         f'{h}x{w}: {diff:.1e}' for (h, w), diff in diffs.items()
     )

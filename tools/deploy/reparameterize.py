@@ -13,6 +13,7 @@ import argparse
 
 from mmengine.config import DictAction
 
+from mmacmix.cli import add_debug_flag, exit_on_error
 from mmacmix.deploy import reparameterize
 
 
@@ -32,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         action=DictAction,
         help='override settings of CONFIG, as for mmdet/mmseg tools',
     )
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error(args.debug):
         options = reparameterize(
             args.config,
             args.checkpoint,
@@ -41,9 +43,6 @@ def main(argv: list[str] | None = None) -> None:
             args.cfg_options,
             args.force,
         )
-    except (OSError, KeyError, ValueError) as error:
-        message = error.args[0] if isinstance(error, KeyError) else error
-        parser.exit(1, f'error: {message}\n')
     print(
         f'wrote {args.out}; load it with {args.config} --cfg-options '
         f'{" ".join(options)}'

@@ -3,7 +3,7 @@
 Usage: python tools/model_converters/acmix_swin2mmacmix.py SRC DST [--force]
 """
 
-from mmacmix.checkpoint import convert_cli
+from mmacmix.cli import convert_cli
 from mmacmix.models import convert_acmix_swin
 
 if __name__ == '__main__':
