@@ -34,8 +34,9 @@ them), everywhere on CUDA.
 
 ``--backbone`` adds whole backbones (1 x 3 x 512 x 512 on CPU,
 2 x 3 x 800 x 1216 on CUDA): ACmix-ResNet-50 (fast and reference) against
-a plain ResNet-50 on the same code, and ACmix-Swin-T against torchvision's
-Swin-T.  None of the cases needs mmcv's compiled ops.  ``--autocast
+a plain ResNet-50 on the same code, ACmix-Swin-T against torchvision's
+Swin-T, and ACmix-PVT-T against mmdet's PVT-T.  Only that last pair needs
+mmdet (and with it mmcv's compiled ops, which mmdet imports).  ``--autocast
 float16`` runs every forward under ``torch.autocast``.
 
 Time: the median of ``--repeats`` forward + backward passes (5 on CPU, 20
@@ -60,7 +61,7 @@ temporaries, gradients and outputs; not the weights or the input.
 Usage::
 
     python tools/analysis/benchmark_ops.py [--device cpu|cuda] [--quick]
-        [--tables acmix attention xvolution] [--backbone [resnet swin]]
+        [--tables acmix attention xvolution] [--backbone [resnet swin pvt]]
         [--autocast none|float16|bfloat16] [--batch N] [--repeats N]
         [--warmup N]
 """
@@ -81,7 +82,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmacmix.models import ACmix, ACmixResNet, ACmixSwinTransformer, XVolution
+from mmacmix.models import (
+    ACmix,
+    ACmixPVT,
+    ACmixResNet,
+    ACmixSwinTransformer,
+    XVolution,
+)
 from mmacmix.models import acmix as acmix_module
 from mmacmix.models.resnet import Bottleneck, PluggableResNet
 from mmacmix.ops import local_attention, native_available, triton_available
@@ -96,6 +103,7 @@ ATTENTION_CASES = ('conv', 'attention', 'attention-reference')
 BACKBONE_TABLES = {
     'resnet': ('resnet50', 'acmix-r50', 'acmix-r50-reference'),
     'swin': ('swin-t', 'acmix-swin-t'),
+    'pvt': ('pvt-t', 'acmix-pvt-t'),
 }
 # X-volution table: (case, pass) columns, all timed in turns.
 XVOLUTION_CASES = (
@@ -251,6 +259,12 @@ def build_case(
         module = swin_t().features
     elif case == 'acmix-swin-t':
         module = ACmixSwinTransformer(arch='tiny')
+    elif case == 'pvt-t':
+        from mmdet.models.backbones.pvt import PyramidVisionTransformer
+
+        module = PyramidVisionTransformer(num_layers=[2, 2, 2, 2])
+    elif case == 'acmix-pvt-t':
+        module = ACmixPVT(arch='tiny')
     else:
         raise ValueError(f'unknown case {case!r}')
     module = module.to(device).train()
@@ -610,7 +624,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='whole backbones, forward + backward at 1x3x512x512 on cpu and '
         '2x3x800x1216 on cuda: ACmix-ResNet-50 (fast and reference) against '
         'a plain ResNet-50 on the same code (resnet), ACmix-Swin-T against '
-        "torchvision's Swin-T (swin); no name: all",
+        "torchvision's Swin-T (swin), ACmix-PVT-T against mmdet's PVT-T "
+        '(pvt); no name: all',
     )
     parser.add_argument(
         '--threads', type=int, help='torch threads (default: torch default)'
