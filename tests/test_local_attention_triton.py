@@ -96,6 +96,57 @@ def test_interpreted_kernels_match_reference(interpreted_errors, index):
         assert error < tolerance, f'{CASES[index]} {name}: {error:.3g}'
 
 
+# The interpreter checks the kernels' logic; this checks that Triton's
+# real compiler takes them (types, layouts, register allocation by ptxas)
+# for a Hopper GPU (H100/H200), without one: (dtype, stride, head width).
+COMPILED = [('fp16', 2, 16), ('bf16', 1, 32), ('fp32', 1, 128)]
+
+
+@pytest.mark.parametrize('dtype, stride, head_dims', COMPILED)
+def test_kernels_compile_for_hopper(dtype, stride, head_dims):
+    triton = pytest.importorskip('triton')
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mmacmix.ops import local_attention_triton as kernels
+
+    if kernels.INTERPRETED:
+        pytest.skip('this process runs under TRITON_INTERPRET=1')
+    block_d, block_h, block_w = kernels._blocks(head_dims)
+    constants = dict(
+        KERNEL=7,
+        STRIDE=stride,
+        BLOCK_D=block_d,
+        BLOCK_H=block_h,
+        BLOCK_W=block_w,
+        FP64=False,
+    )
+    # Pointers named *_ptr are in the tested dtype except the float32
+    # log-sum-exp, delta and k/v gradient buffers.
+    float32 = {'lse_ptr', 'delta_ptr', 'grad_k_ptr', 'grad_v_ptr'}
+    for kernel in (
+        kernels._forward_kernel,
+        kernels._backward_q_kernel,
+        kernels._backward_kv_kernel,
+    ):
+        names = kernel.arg_names
+        signature = {
+            name: 'constexpr'
+            if name in constants
+            else ('*fp32' if name in float32 else f'*{dtype}')
+            if name.endswith('_ptr')
+            else 'i32'
+            for name in names
+        }
+        source = ASTSource(
+            fn=kernel,
+            signature=signature,
+            constexprs={(names.index(k),): v for k, v in constants.items()},
+        )
+        compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32))
+        assert compiled.asm['cubin'], kernel.fn.__name__
+
+
 def test_triton_on_cpu_needs_the_interpreter():
     if triton_available('cpu'):
         pytest.skip('this process runs under TRITON_INTERPRET=1')
