@@ -3,6 +3,7 @@
 from .acmix import ACmix, ACmixBase
 from .acmix_pvt import ACmixPVT
 from .acmix_resnet import ACmixResNet
+from .acmix_san import ACmixSAN
 from .acmix_swin import ACmixSwinTransformer
 from .converters import (
     convert_acmix_resnet,
@@ -18,6 +19,7 @@ __all__ = [
     'ACmixBase',
     'ACmixPVT',
     'ACmixResNet',
+    'ACmixSAN',
     'ACmixSwinTransformer',
     'convert_acmix_resnet',
     'convert_acmix_swin',

@@ -43,6 +43,9 @@ class ACmixBase(BaseModule):
         fc_bias (bool): Whether ``fc`` has a bias (Swin form: yes, ResNet
             form: no, as in the official code).
         stride (int): Stride of the shift convolution. Defaults to 1.
+        num_maps (int, optional): Head-wide maps that ``fc`` mixes, when q
+            and k are not as wide as v (ACmix-SAN: one each, beside the
+            ``num_heads`` of v). Defaults to None (``3 * num_heads``).
         init_cfg (dict, optional): Initialisation config. Defaults to None.
     """
 
@@ -52,6 +55,7 @@ class ACmixBase(BaseModule):
         num_heads: int,
         fc_bias: bool,
         stride: int = 1,
+        num_maps: int | None = None,
         init_cfg: dict | None = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -66,7 +70,9 @@ class ACmixBase(BaseModule):
         kernel_area = SHIFT_KERNEL_SIZE**2
         self.rate1 = nn.Parameter(torch.empty(1))
         self.rate2 = nn.Parameter(torch.empty(1))
-        self.fc = nn.Conv2d(3 * num_heads, kernel_area, 1, bias=fc_bias)
+        self.fc = nn.Conv2d(
+            num_maps or 3 * num_heads, kernel_area, 1, bias=fc_bias
+        )
         self.dep_conv = nn.Conv2d(
             kernel_area * self.head_dims,
             embed_dims,
@@ -109,13 +115,14 @@ class ACmixBase(BaseModule):
         Args:
             qkv (Tensor): ``(B, 3 * C, H, W)``, channel ``s * C + h * D + d``
                 for projection ``s`` (q, k, v), head ``h`` and head channel
-                ``d`` (``D`` channels per head).
+                ``d`` (``D`` channels per head); in general ``num_maps``
+                head-wide maps, channel ``m * D + d``.
 
         Returns:
             Tensor: ``(B, C, H', W')``, ``H' = ceil(H / stride)``.
         """
         b, _, h, w = qkv.shape
-        grouped = qkv.reshape(b, 3 * self.num_heads, self.head_dims, h * w)
+        grouped = qkv.reshape(b, -1, self.head_dims, h * w)
         shifts = self.fc(grouped)  # (B, k^2, D, HW)
         # The grouped convolution wants channel d * k^2 + i.
         shifts = shifts.transpose(1, 2).reshape(b, -1, h, w)
