@@ -7,7 +7,9 @@ The data are the tiny synthetic shapes dataset in COCO or ADE20K format,
 read by the dataset class the config uses, through a short pipeline at the
 generated 128x128 size instead of the config's 1333x800 / 512x512 one.
 The RPN and RoI sampling sizes of two-stage detectors are reduced so that a
-step takes seconds; the heads themselves are unchanged.
+step takes seconds; the heads themselves are unchanged. ImageNet configs
+read shape images in ImageNet layout through the config's own dataset class
+and pipelines, whose crop sizes are scaled from 224 to 64.
 """
 
 import copy
@@ -59,7 +61,12 @@ def cpu_config(path: Path) -> Config:
 
 
 def build_model(cfg: Config):
-    if cfg.default_scope == 'mmdet':
+    if cfg.default_scope == 'mmpretrain':
+        from mmpretrain.registry import MODELS
+
+        # As the Runner does: mmpretrain configs set it beside the model.
+        cfg.model.setdefault('data_preprocessor', cfg.data_preprocessor)
+    elif cfg.default_scope == 'mmdet':
         from mmdet.registry import MODELS
 
         train_cfg = cfg.model.get('train_cfg', {})
@@ -110,17 +117,51 @@ def segmentation_data(root: str, split: str):
     )
 
 
+@pytest.fixture(scope='module')
+def imagenet_root(shapes_root: str, tmp_path_factory) -> str:
+    """The shape images in ImageNet layout (``meta/{split}.txt`` lists
+    ``image label``), two classes."""
+    root = tmp_path_factory.mktemp('imagenet')
+    (root / 'meta').mkdir()
+    for split in ('train', 'val'):
+        images = sorted(Path(shapes_root, 'coco', split).glob('*.jpg'))
+        (root / split).mkdir()
+        lines = []
+        for label, image in enumerate(images):
+            (root / split / image.name).write_bytes(image.read_bytes())
+            lines.append(f'{image.name} {label % 2}\n')
+        (root / 'meta' / f'{split}.txt').write_text(''.join(lines))
+    return str(root)
+
+
+def classification_data(root: str, split: str, cfg: Config):
+    from mmpretrain.registry import DATASETS
+
+    loader = cfg.train_dataloader if split == 'train' else cfg.val_dataloader
+    dataset = copy.deepcopy(loader.dataset)
+    for transform in dataset.pipeline:
+        for key in ('scale', 'crop_size'):
+            if isinstance(transform.get(key), int):
+                transform[key] = transform[key] * 64 // 224
+    dataset.update(data_root=root, split=split)
+    return DATASETS.build(dataset)
+
+
 @pytest.mark.parametrize(
     'path', CONFIGS, ids=[str(p.relative_to(CONFIG_ROOT)) for p in CONFIGS]
 )
-def test_config_trains_one_step_and_predicts(path, shapes_root):
+def test_config_trains_one_step_and_predicts(path, shapes_root, imagenet_root):
     torch.manual_seed(0)
     cfg = cpu_config(path)
     assert 'mmacmix' in cfg.custom_imports['imports']
     init_default_scope(cfg.default_scope)
     model = build_model(cfg)
+    is_classifier = cfg.default_scope == 'mmpretrain'
     is_detector = cfg.default_scope == 'mmdet'
-    if is_detector:
+    if is_classifier:
+        train_set = classification_data(imagenet_root, 'train', cfg)
+        val_set = classification_data(imagenet_root, 'val', cfg)
+    elif is_detector:
         with_mask = 'mask_head' in cfg.model.get('roi_head', {})
         train_set = detection_data(shapes_root, 'train', with_mask)
         val_set = detection_data(shapes_root, 'val', with_mask)
@@ -161,7 +202,12 @@ def test_config_trains_one_step_and_predicts(path, shapes_root):
     with torch.no_grad():
         [result] = model.test_step(pseudo_collate([sample]))
     height, width = sample['data_samples'].ori_shape
-    if is_detector:
+    if is_classifier:
+        scores = result.pred_score
+        assert scores.shape == (model.head.num_classes,)
+        assert torch.allclose(scores.sum(), torch.tensor(1.0))
+        assert result.pred_label.item() == scores.argmax().item()
+    elif is_detector:
         pred = result.pred_instances
         assert pred.bboxes.ndim == 2 and pred.bboxes.shape[1] == 4
         assert len(pred.scores) == len(pred.labels) == len(pred.bboxes)
