@@ -230,8 +230,10 @@ def test_resume_needs_a_fitting_training_checkpoint(
     assert listing(tmp_path) == before
 
 
-def test_deployed_x_volution_is_recognised(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+@pytest.fixture
+def deployed_x_volution(tmp_path) -> tuple[Path, Path]:
+    """An X-volution ResNet-18 config and a deployed checkpoint of it,
+    as tools/deploy/reparameterize.py writes it."""
     config = tmp_path / 'xvolution.py'
     config.write_text(
         "custom_imports = dict(imports=['mmacmix'])\n"
@@ -240,7 +242,16 @@ def test_deployed_x_volution_is_recognised(tmp_path, capsys, monkeypatch):
     deployed = XVolutionResNet(depth=18)
     deployed.switch_to_deploy()
     checkpoint = tmp_path / 'deployed.pth'
-    torch.save({'state_dict': deployed.state_dict()}, checkpoint)
+    meta = dict(deploy=True, cfg_options=['model.deploy=True'])
+    torch.save({'state_dict': deployed.state_dict(), 'meta': meta}, checkpoint)
+    return config, checkpoint
+
+
+def test_deployed_x_volution_is_recognised(
+    deployed_x_volution, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    config, checkpoint = deployed_x_volution
     code, err = run(tool('test.py'), [config, checkpoint], capsys)
     assert code == 1
     line = error_line(err)
@@ -518,19 +529,10 @@ def test_pretrained_without_prefix_is_told_to_add_it(tmp_path):
 
 
 def test_reparameterize_refuses_a_deployed_checkpoint(
-    tmp_path, capsys, monkeypatch
+    deployed_x_volution, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    config = tmp_path / 'xvolution.py'
-    config.write_text(
-        "custom_imports = dict(imports=['mmacmix'])\n"
-        "model = dict(type='mmacmix.XVolutionResNet', depth=18)\n"
-    )
-    deployed = XVolutionResNet(depth=18)
-    deployed.switch_to_deploy()
-    checkpoint = tmp_path / 'deployed.pth'
-    meta = dict(deploy=True, cfg_options=['model.deploy=True'])
-    torch.save({'state_dict': deployed.state_dict(), 'meta': meta}, checkpoint)
+    config, checkpoint = deployed_x_volution
     main = tool('deploy/reparameterize.py')
     code, err = run(main, [config, checkpoint, 'out.pth'], capsys)
     assert code == 1
