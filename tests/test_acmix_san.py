@@ -307,3 +307,15 @@ def test_any_input_size_gives_ceil_sized_outputs(batch, height, width):
         assert out.shape[0] == batch
         assert out.shape[2:] == (-(-height // stride), -(-width // stride))
         assert torch.isfinite(out).all()
+
+
+def test_flop_count_includes_the_aggregation():
+    from mmacmix.analysis.flops import analyse
+
+    sam = PatchwiseSelfAttention(24, 4, 16, share_channels=4, kernel_size=5)
+    result = analyse(sam, (torch.randn(2, 24, 9, 11),))
+    counted = result['by_operator']
+    # One multiply-add per output element and window position.
+    assert counted['PythonOp._PatchAggregation'] == 2 * 16 * 9 * 11 * 25
+    assert counted['baddbmm'] == 2 * 9 * 11 * 24 * (4 + 4 + 16)
+    assert not any('PatchAggregation' in op for op in result['uncounted'])

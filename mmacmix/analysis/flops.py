@@ -96,6 +96,16 @@ def attention_kernel_size(model: nn.Module) -> int | None:
     return sizes.pop() if sizes else None
 
 
+def patch_aggregation_flops(inputs: list, outputs: list) -> int:
+    """FLOPs of SAN's ``patch_aggregation(values, weights, k)``
+    (ACmix-SAN): one multiply-add per output element and window position,
+    ``B * C * H * W * k^2``; ``weights`` is ``(B, G, k^2, H, W)``."""
+    count = get_shape(inputs[1])[2]
+    for size in get_shape(outputs[0]):
+        count *= size
+    return count
+
+
 def baddbmm_flops(inputs: list, outputs: list) -> int:
     """FLOPs of ``baddbmm(input, batch1, batch2)``: ``(B, M, K) @ (B, K,
     N)``, the form of ACmix's 1x1 projections; the bias add is free."""
@@ -162,6 +172,9 @@ def analyse(model: nn.Module, inputs: tuple) -> dict:
     # MMEngine 0.10.7 has no handle for PyTorch's fused attention.
     analyzer.set_op_handle('aten::scaled_dot_product_attention', sdpa_flops)
     analyzer.set_op_handle('aten::baddbmm', baddbmm_flops)
+    analyzer.set_op_handle(
+        'prim::PythonOp._PatchAggregation', patch_aggregation_flops
+    )
     for name in (*FREE_OPS, 'prim::PythonOp._SharedProjection'):
         analyzer.set_op_handle(name, _free)
     analyzer.unsupported_ops_warnings(False)
