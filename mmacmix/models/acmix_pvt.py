@@ -44,7 +44,7 @@ keys are ``layers.I.1.J.attn.{fc, dep_conv, rate1, rate2}``.
 plain PVT ImageNet checkpoint.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +52,17 @@ import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmacmix.registry import MODELS
 
 from .acmix import ACmixBase
-from .utils import check_image_batch, init_weights_strictly
+from .utils import (
+    arch_settings,
+    check_image_batch,
+    eval_norms,
+    init_weights_strictly,
+    stage_arguments,
+)
 
 # PVT's layer norms, in the original and in mmdet.
 LN_EPS = 1e-6
@@ -483,7 +488,9 @@ class ACmixPVT(BaseModule):
         init_cfg: dict | list[dict] | None = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
-        arch = self._arch_settings(arch)
+        arch = arch_settings(
+            type(self), arch, ('embed_dims', 'depths', 'num_heads')
+        )
         self.embed_dims = tuple(arch['embed_dims'])
         self.depths = tuple(arch['depths'])
         self.num_heads = tuple(arch['num_heads'])
@@ -501,23 +508,12 @@ class ACmixPVT(BaseModule):
                     f'{name} {values} must have one entry per stage, like '
                     f'depths {self.depths}'
                 )
-        out_indices = tuple(out_indices)
-        if not out_indices or not all(
-            0 <= i < num_stages for i in out_indices
-        ):
-            raise ValueError(
-                f'out_indices must be indices in [0, {num_stages}), got '
-                f'{out_indices}'
-            )
-        if not -1 <= frozen_stages <= num_stages:
-            raise ValueError(
-                f'frozen_stages must lie in [-1, {num_stages}], got '
-                f'{frozen_stages}'
-            )
+        self.out_indices = stage_arguments(
+            num_stages, out_indices, frozen_stages
+        )
         self.in_channels = in_channels
         self.patch_sizes = per_stage['patch_sizes']
         self.sr_ratios = per_stage['sr_ratios']
-        self.out_indices = out_indices
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.out_channels = list(self.embed_dims)
@@ -557,24 +553,6 @@ class ACmixPVT(BaseModule):
             channels = dims
         self.apply(self._pvt_init)
         self._freeze_stages()
-
-    @classmethod
-    def _arch_settings(cls, arch: str | dict) -> dict:
-        keys = {'embed_dims', 'depths', 'num_heads'}
-        if isinstance(arch, str):
-            if arch.lower() not in cls.arch_zoo:
-                raise ValueError(
-                    f'unknown arch {arch!r} for {cls.__name__}; valid names '
-                    f'are {sorted(cls.arch_zoo)} or a dict with keys '
-                    f'{sorted(keys)}'
-                )
-            return cls.arch_zoo[arch.lower()]
-        if not isinstance(arch, Mapping) or set(arch) != keys:
-            raise ValueError(
-                f'a custom arch must be a dict with exactly the keys '
-                f'{sorted(keys)}, got {arch!r}'
-            )
-        return dict(arch)
 
     @staticmethod
     def _pvt_init(module: nn.Module) -> None:
@@ -620,11 +598,7 @@ class ACmixPVT(BaseModule):
         super().train(mode)
         self._freeze_stages()
         if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(
-                    module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
-                ):
-                    module.eval()
+            eval_norms(self)
         return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:

@@ -16,7 +16,7 @@ those of the official model, so its converter (``convert_acmix_swin`` in
 buffers and renames the final norm.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,17 @@ import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmacmix.registry import MODELS
 
 from .acmix import ACmixBase
-from .utils import check_image_batch, init_weights_strictly
+from .utils import (
+    arch_settings,
+    check_image_batch,
+    eval_norms,
+    init_weights_strictly,
+    stage_arguments,
+)
 
 # Additive attention mask between tokens of different regions of a shifted
 # window: the value of the official code (and mmdet's); softmax makes it ~0.
@@ -585,7 +590,9 @@ class ACmixSwinTransformer(BaseModule):
         init_cfg: dict | list[dict] | None = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
-        arch = self._arch_settings(arch)
+        arch = arch_settings(
+            type(self), arch, ('embed_dims', 'depths', 'num_heads')
+        )
         self.embed_dims = arch['embed_dims']
         depths = tuple(arch['depths'])
         num_heads = tuple(arch['num_heads'])
@@ -595,19 +602,7 @@ class ACmixSwinTransformer(BaseModule):
                 f'depths {depths} and num_heads {num_heads} '
                 'must have the same length'
             )
-        out_indices = tuple(out_indices)
-        if not out_indices or not all(
-            0 <= i < num_stages for i in out_indices
-        ):
-            raise ValueError(
-                f'out_indices must be indices in [0, '
-                f'{num_stages}), got {out_indices}'
-            )
-        if not -1 <= frozen_stages <= num_stages:
-            raise ValueError(
-                f'frozen_stages must lie in [-1, {num_stages}],'
-                f' got {frozen_stages}'
-            )
+        out_indices = stage_arguments(num_stages, out_indices, frozen_stages)
         self.depths = depths
         self.num_heads = num_heads
         self.in_channels = in_channels
@@ -649,24 +644,6 @@ class ACmixSwinTransformer(BaseModule):
         self.apply(self._official_init)
         self.register_load_state_dict_pre_hook(self._drop_unused_norms)
         self._freeze_stages()
-
-    @classmethod
-    def _arch_settings(cls, arch: str | dict) -> dict:
-        keys = {'embed_dims', 'depths', 'num_heads'}
-        if isinstance(arch, str):
-            if arch.lower() not in cls.arch_zoo:
-                raise ValueError(
-                    f'unknown arch {arch!r} for {cls.__name__}; valid names '
-                    f'are {sorted(cls.arch_zoo)} or a dict with keys '
-                    f'{sorted(keys)}'
-                )
-            return cls.arch_zoo[arch.lower()]
-        if not isinstance(arch, Mapping) or set(arch) != keys:
-            raise ValueError(
-                f'a custom arch must be a dict with exactly the keys '
-                f'{sorted(keys)}, got {arch!r}'
-            )
-        return dict(arch)
 
     @staticmethod
     def _official_init(module: nn.Module) -> None:
@@ -718,11 +695,7 @@ class ACmixSwinTransformer(BaseModule):
         super().train(mode)
         self._freeze_stages()
         if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(
-                    module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
-                ):
-                    module.eval()
+            eval_norms(self)
         return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:

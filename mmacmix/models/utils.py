@@ -1,7 +1,8 @@
 """Helpers shared by the backbones and operators.
 
 Strict pretrained loading, and the argument checks every family repeats:
-image batches, and the ``nn.Conv2d`` signature of the drop-in operators.
+image batches, the ``nn.Conv2d`` signature of the drop-in operators, the
+backbones' ``arch``, ``out_indices`` and ``frozen_stages``.
 """
 
 import os.path as osp
@@ -9,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmacmix.checkpoint import (
     KeyMismatchError,
@@ -200,3 +202,59 @@ def conv3x3_arguments(
             f'padding={padding!r}'
         )
     return stride, dilation
+
+
+def arch_settings(
+    owner: type, arch: str | Mapping, keys: Sequence[str]
+) -> dict:
+    """Reads a backbone's ``arch``: a name of ``owner.arch_zoo`` (any
+    case) or a dict with exactly ``keys``.
+
+    Raises:
+        ValueError: Naming the valid names and keys.
+    """
+    if isinstance(arch, str):
+        if arch.lower() not in owner.arch_zoo:
+            raise ValueError(
+                f'unknown arch {arch!r} for {owner.__name__}; valid names '
+                f'are {sorted(owner.arch_zoo)} or a dict with keys '
+                f'{sorted(keys)}'
+            )
+        return dict(owner.arch_zoo[arch.lower()])
+    if not isinstance(arch, Mapping) or set(arch) != set(keys):
+        raise ValueError(
+            f'a custom arch must be a dict with exactly the keys '
+            f'{sorted(keys)}, got {arch!r}'
+        )
+    return dict(arch)
+
+
+def stage_arguments(
+    num_stages: int, out_indices: Sequence[int], frozen_stages: int
+) -> tuple[int, ...]:
+    """Checks mmdet's ``out_indices`` and ``frozen_stages`` of a backbone
+    with ``num_stages`` stages; returns ``out_indices`` as a tuple.
+
+    Raises:
+        ValueError: Saying which range is accepted.
+    """
+    out_indices = tuple(out_indices)
+    if not out_indices or not all(0 <= i < num_stages for i in out_indices):
+        raise ValueError(
+            f'out_indices must be indices in [0, {num_stages}), got '
+            f'{out_indices}'
+        )
+    if not -1 <= frozen_stages <= num_stages:
+        raise ValueError(
+            f'frozen_stages must lie in [-1, {num_stages}], got '
+            f'{frozen_stages}'
+        )
+    return out_indices
+
+
+def eval_norms(module: nn.Module) -> None:
+    """Puts every normalisation layer of ``module`` in eval mode (mmdet's
+    ``norm_eval``)."""
+    for layer in module.modules():
+        if isinstance(layer, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+            layer.eval()
