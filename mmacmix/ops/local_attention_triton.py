@@ -223,11 +223,16 @@ def _backward_kv_kernel(
     value = _widen(tl.load(v_ptr + source, mask=mask, other=0.0), FP64)
     grad_key = key * 0.0
     grad_value = key * 0.0
-    for ty in range(phase_y, KERNEL, STRIDE):
-        i = a - (ty - phase_y) // STRIDE
-        for tx in range(phase_x, KERNEL, STRIDE):
-            j = b - (tx - phase_x) // STRIDE
-            pixels = positions & (i >= 0) & (i < HO) & (j >= 0) & (j < WO)
+    # Offset ty = phase_y + STRIDE * m reaches output row a - m. Loop
+    # bounds stay compile-time constants; offsets past the window are
+    # masked.
+    for m in range((KERNEL + STRIDE - 1) // STRIDE):
+        i = a - m
+        row_ok = (phase_y + STRIDE * m < KERNEL) & (i >= 0) & (i < HO)
+        for m_x in range((KERNEL + STRIDE - 1) // STRIDE):
+            j = b - m_x
+            col_ok = (phase_x + STRIDE * m_x < KERNEL) & (j >= 0) & (j < WO)
+            pixels = positions & row_ok & col_ok
             at = n * D * HO * WO + d * HO * WO + (i * WO + j)[None, :]
             reads = channels & pixels[None, :]
             q = _widen(tl.load(q_ptr + at, mask=reads, other=0.0), FP64)
