@@ -21,11 +21,11 @@ at full resolution. Reasons:
 * the projections stay shared: the convolution path sees exactly the
   queries, keys and values the attention uses, and no parameter is added
   besides ACmix's own (``fc``, ``dep_conv``, ``rate1``, ``rate2``);
-* it costs nothing beyond the convolution path itself, which matches the
-  published budgets (+0.1 GFLOPs over the plain models). Projecting k and v
-  a second time from the full-resolution map would add ``2 * C^2``
-  multiply-adds per position in stages 1-3, +0.18 GFLOPs for PVT-T, 9% more
-  than the published 2.0G;
+* it costs nothing beyond the convolution path itself, which keeps the
+  published budgets (counted as the paper does: 2.02G and 3.98G for T and
+  S, see the README). Projecting k and v a second time from the
+  full-resolution map would add ``2 * C^2`` multiply-adds per position in
+  stages 1-3, +0.18 GFLOPs for PVT-T, 9% more than the published 2.0G;
 * the output keeps its full resolution: running the convolution path on
   the reduced map instead would give it the same coarse view as the
   attention, where the point of the convolution is local detail. The
@@ -38,10 +38,11 @@ Stage 4 (``sr = 1``) is the plain case of full-resolution q, k and v.
 ``PyramidVisionTransformer`` (``layers.I.0`` patch embedding,
 ``layers.I.1.0.pos_embed``, ``layers.I.1.J`` blocks with
 ``attn.attn.in_proj_weight`` and ``ffn.layers.0/3`` 1x1 convolutions), so
-an mmdet PVT state dict loads into the plain part as it is, and the ACmix
+an mmdet PVT state dict loads into the plain part as it is; the ACmix
 keys are ``layers.I.1.J.attn.{fc, dep_conv, rate1, rate2}``.
-:func:`mmacmix.models.converters.convert_pvt_to_acmix` fills them from a
-plain PVT ImageNet checkpoint.
+:func:`mmacmix.models.converters.convert_pvt_to_acmix` fills the plain part
+from a plain PVT ImageNet checkpoint and starts the convolution path
+switched off.
 """
 
 from collections.abc import Sequence
