@@ -321,18 +321,23 @@ class _TolerantPickle:
 
 
 def write_backbone_checkpoint(
-    state_dict: Mapping[str, Tensor], path: str, force: bool = False
+    state_dict: Mapping[str, Tensor],
+    path: str,
+    force: bool = False,
+    prefix: str = 'backbone.',
 ) -> None:
-    """Writes ``{'state_dict': {'backbone.' + key: value}}`` atomically.
+    """Writes ``{'state_dict': {prefix + key: value}}`` atomically.
 
     Args:
         state_dict (Mapping[str, Tensor]): Backbone weights, without prefix.
         path (str): Destination file.
         force (bool): Overwrite an existing ``path``. Defaults to False.
+        prefix (str): Put before every key; ``''`` writes the keys of a
+            whole model as they are. Defaults to ``'backbone.'``.
     """
     payload = {
         'state_dict': {
-            f'backbone.{key}': value.detach().clone()
+            f'{prefix}{key}': value.detach().clone()
             for key, value in state_dict.items()
         }
     }

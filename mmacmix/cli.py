@@ -84,6 +84,7 @@ def convert_cli(
     description: str,
     argv: list[str] | None = None,
     extra_arguments: dict[str, dict] | None = None,
+    whole_model_option: str | None = None,
 ) -> None:
     """Runs a converter as ``SRC DST [--force]``: the body of every CLI.
 
@@ -98,6 +99,10 @@ def convert_cli(
         extra_arguments (dict[str, dict], optional): Options of the
             converter, ``{'--depth': dict(type=int, ...)}``; their values go
             to ``convert`` as keyword arguments.
+        whole_model_option (str, optional): The name of a flag among them
+            under which ``convert`` returns the state dict of a whole model
+            (keys with their ``backbone.``... prefixes), written as it is.
+            Defaults to None.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('src', help='official checkpoint to read')
@@ -116,5 +121,11 @@ def convert_cli(
             read_checkpoint(args.src),
             **{name: getattr(args, name) for name in options},
         )
-        write_backbone_checkpoint(state_dict, args.dst, force=args.force)
+        whole_model = getattr(args, whole_model_option or '', False)
+        write_backbone_checkpoint(
+            state_dict,
+            args.dst,
+            force=args.force,
+            prefix='' if whole_model else 'backbone.',
+        )
     print(f'wrote {len(state_dict)} tensors to {args.dst}')

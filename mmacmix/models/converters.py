@@ -135,10 +135,12 @@ def convert_acmix_resnet(
 
 
 def convert_acmix_swin(
-    checkpoint: Mapping, model: ACmixSwinTransformer | None = None
+    checkpoint: Mapping,
+    model: ACmixSwinTransformer | None = None,
+    keep_classifier: bool = False,
 ) -> dict[str, Tensor]:
     """Converts an official ACmix-Swin checkpoint for
-    :class:`ACmixSwinTransformer`.
+    :class:`ACmixSwinTransformer`, or for mmpretrain's ``ImageClassifier``.
 
     The parameter names are the official ones, so the conversion drops the
     classifier (``head.*``) and the saved buffers (``relative_position_index``
@@ -156,9 +158,16 @@ def convert_acmix_swin(
             in its ``out_indices``). By default one is built with the arch,
             window, patch size and MLP ratio read from the keys and all four
             output norms.
+        keep_classifier (bool): Keep the ImageNet classifier, as the state
+            dict of an ``ImageClassifier`` with this backbone, a
+            ``GlobalAveragePooling`` neck and a ``LinearClsHead``
+            (``backbone.*``, ``head.fc.*``): mmpretrain evaluates it as
+            released, and its ``backbone.`` part loads into the detection
+            and segmentation configs. Defaults to False.
 
     Returns:
-        dict[str, Tensor]: The backbone's state dict, without prefix.
+        dict[str, Tensor]: The backbone's state dict, without prefix (with
+        ``keep_classifier``: the classifier's, with prefixes).
 
     Raises:
         KeyError: If keys are missing or unknown (all are named); a plain
@@ -168,10 +177,18 @@ def convert_acmix_swin(
     converted = {
         key: value
         for key, value in source_state_dict(checkpoint).items()
-        # The ImageNet classifier and buffers derived from the sizes.
-        if not key.startswith('head.')
-        and not key.endswith(('.relative_position_index', '.attn_mask'))
+        # Buffers derived from the sizes.
+        if not key.endswith(('.relative_position_index', '.attn_mask'))
     }
+    classifier = {
+        f'head.fc.{name}': converted.pop(f'head.{name}', None)
+        for name in ('weight', 'bias')
+    }
+    if keep_classifier and None in classifier.values():
+        raise KeyError(
+            'the checkpoint holds no classifier to keep (head.weight and '
+            'head.bias); convert it without keeping the classifier'
+        )
     if model is None:
         model = ACmixSwinTransformer(**_swin_settings(converted))
     expected = model.state_dict()
@@ -202,6 +219,8 @@ def convert_acmix_swin(
     check_converted(
         converted, expected, 'this ACmix-Swin architecture', source_names
     )
+    if keep_classifier:
+        return {f'backbone.{k}': v for k, v in converted.items()} | classifier
     return converted
 
 
