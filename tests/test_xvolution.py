@@ -18,6 +18,8 @@ from mmacmix.models import (
     XVolutionResNet,
     convert_resnet_to_xvolution,
 )
+from mmacmix.models import xvolution as xvolution_module
+from mmacmix.models.xvolution import pixel_shift_attention, shift_products
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERTER = REPO / 'tools/model_converters/resnet2xvolution.py'
@@ -60,14 +62,14 @@ def reference(op: XVolution, x: torch.Tensor) -> torch.Tensor:
 
     conv: sum over taps of W[o, c, t] x[c, p + L t]; PSSA: sum over taps
     (the 8 neighbours at distance L and the pixel itself) and channels of
-    A[o, t * C + c] x[c, p] x[c, p + L t]; zero outside the map; each branch
-    through its batch norm (eval), then summed.
+    A[o, c * 9 + t] x[c, p] x[c, p + L t]; zero outside the map; each
+    branch through its batch norm (eval), then summed.
     """
     _, channels, height, width = x.shape
     step, dist = op.stride, op.dilation
     out_h, out_w = -(-height // step), -(-width // step)
     kernel = op.conv.weight
-    pssa = op.pssa.weight.reshape(op.out_channels, 9, channels)
+    pssa = op.pssa.weight.reshape(op.out_channels, channels, 9)
     conv = x.new_zeros(x.shape[0], op.out_channels, out_h, out_w)
     attn = torch.zeros_like(conv)
     for i in range(out_h):
@@ -81,7 +83,7 @@ def reference(op: XVolution, x: torch.Tensor) -> torch.Tensor:
                     continue
                 other = x[:, :, yy, xs]
                 conv[:, :, i, j] += other @ kernel[:, :, dy + 1, dx + 1].T
-                attn[:, :, i, j] += (centre * other) @ pssa[:, tap].T
+                attn[:, :, i, j] += (centre * other) @ pssa[:, :, tap].T
     if op.conv.bias is not None:
         conv = conv + op.conv.bias.reshape(1, -1, 1, 1)
 
@@ -120,6 +122,10 @@ def calibrate(model: torch.nn.Module, x: torch.Tensor) -> None:
 def random_op(dtype=torch.float32, **kwargs) -> XVolution:
     torch.manual_seed(0)
     op = XVolution(**{'in_channels': 5, 'out_channels': 4, **kwargs})
+    if kwargs.get('attention') == 'global':
+        # Logits of order one: the softmax is neither flat nor one-hot.
+        with torch.no_grad():
+            op.attn.qkv.weight.mul_(4)
     randomize_norms(op)
     return op.to(dtype).eval()
 
@@ -238,6 +244,170 @@ def test_every_parameter_receives_a_gradient_in_both_forms():
         op(torch.randn(2, 5, 7, 7)).square().mean().backward()
         for name, param in op.named_parameters():
             assert param.grad is not None and param.grad.any(), name
+
+
+@pytest.mark.parametrize(
+    'stride, dilation, size', [(1, 1, (7, 9)), (2, 1, (9, 6)), (2, 2, (8, 7))]
+)
+def test_row_blocks_equal_the_whole_map_forward_and_backward(
+    stride, dilation, size, monkeypatch
+):
+    # A block of one or two rows: every block border is crossed. The whole
+    # map through autograd (stacked products, one matrix product) is the
+    # independent reference, in float64.
+    monkeypatch.setattr(xvolution_module, 'BLOCK_ELEMENTS', 2 * 9 * 3 * 5)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 27, dtype=torch.float64, requires_grad=True)
+    products = shift_products(x, dilation, stride)
+    expected = torch.einsum('ok,bkhw->bohw', weight, products)
+    out_grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x, weight), out_grad)
+    out = pixel_shift_attention(x, weight, dilation, stride)
+    assert len(xvolution_module._ProductRows(x, dilation, stride).blocks) > 2
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out, (x, weight), out_grad)
+    for grad, reference in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-12, atol=1e-12)
+    # Without gradients: added in place into a given map (the deployed op's
+    # convolution output).
+    base = torch.randn_like(expected)
+    with torch.no_grad():
+        summed = pixel_shift_attention(
+            x, weight, dilation, stride, base.clone()
+        )
+    torch.testing.assert_close(
+        summed, expected.detach() + base, rtol=1e-12, atol=1e-12
+    )
+
+
+def global_attention_reference(op: XVolution, x: torch.Tensor) -> torch.Tensor:
+    """X-volution (SA) in eval mode, from its definition: the conv branch of
+    :func:`reference` plus, through its batch norm, the output projection
+    of softmax(q k / sqrt(d)) v per head, queries at every stride-th pixel,
+    keys and values at every pixel."""
+    attn = op.attn
+    channels = op.out_channels
+    heads = attn.num_heads
+    dims = channels // heads
+    weight = attn.qkv.weight.flatten(1)
+    qkv = (
+        torch.einsum('oc,bchw->bohw', weight, x) + attn.qkv.bias[:, None, None]
+    )
+    q, k, v = qkv.split(channels, dim=1)
+    q = q[:, :, :: op.stride, :: op.stride]
+    out_h, out_w = q.shape[-2:]
+    q = q.reshape(x.shape[0], heads, dims, -1)
+    k = k.reshape(x.shape[0], heads, dims, -1)
+    v = v.reshape(x.shape[0], heads, dims, -1)
+    logits = torch.einsum('bhdq,bhdk->bhqk', q, k) / dims**0.5
+    mixed = torch.einsum('bhqk,bhdk->bhdq', logits.softmax(-1), v)
+    mixed = mixed.reshape(x.shape[0], channels, out_h, out_w)
+    projected = (
+        torch.einsum('oc,bchw->bohw', attn.proj.weight.flatten(1), mixed)
+        + attn.proj.bias[:, None, None]
+    )
+    conv = F.conv2d(
+        x,
+        op.conv.weight,
+        op.conv.bias,
+        op.stride,
+        op.dilation,
+        op.dilation,
+    )
+
+    def norm(bn, t):
+        return F.batch_norm(
+            t,
+            bn.running_mean,
+            bn.running_var,
+            bn.weight,
+            bn.bias,
+            False,
+            0.0,
+            bn.eps,
+        )
+
+    return norm(op.conv_bn, conv) + norm(op.attn_bn, projected)
+
+
+@pytest.mark.parametrize(
+    'stride, dilation, size',
+    [(1, 1, (1, 1)), (1, 1, (6, 7)), (2, 1, (7, 5)), (2, 2, (9, 4))],
+)
+def test_global_attention_equals_its_definition_in_float64(
+    stride, dilation, size
+):
+    op = random_op(
+        torch.float64,
+        stride=stride,
+        padding=dilation,
+        dilation=dilation,
+        attention='global',
+        num_heads=2,
+        out_channels=6,
+    )
+    x = torch.randn(2, 5, *size, dtype=torch.float64)
+    with torch.no_grad():
+        out = op(x)
+        torch.testing.assert_close(out, global_attention_reference(op, x))
+    conv = torch.nn.Conv2d(5, 6, 3, stride, dilation, dilation)
+    assert out.shape == conv(x.float()).shape
+
+
+def test_global_attention_gives_every_parameter_a_gradient():
+    torch.manual_seed(0)
+    op = XVolution(5, 8, stride=2, attention='global', num_heads=2)
+    op(torch.randn(2, 5, 7, 6)).square().mean().backward()
+    names = {name for name, _ in op.named_parameters()}
+    assert {'attn.qkv.weight', 'attn.proj.bias', 'attn_bn.weight'} <= names
+    for name, param in op.named_parameters():
+        assert param.grad is not None and param.grad.any(), name
+
+
+def test_global_attention_cannot_be_deployed():
+    op = XVolution(4, 4, attention='global')
+    with pytest.raises(ValueError, match="attention='global' has no deployed"):
+        op.switch_to_deploy()
+    assert not op.deploy and hasattr(op, 'attn')
+    with pytest.raises(ValueError, match="attention='global' has no deployed"):
+        XVolution(4, 4, attention='global', deploy=True)
+    with pytest.raises(ValueError, match='divisible'):
+        XVolution(4, 6, attention='global', num_heads=4)
+    with pytest.raises(ValueError, match=r"\('pssa', 'global'\)"):
+        XVolution(4, 4, attention='local')
+    model = XVolutionResNet(depth=18, attention='global', num_heads=2)
+    with pytest.raises(ValueError, match="attention='global' has no deployed"):
+        model.switch_to_deploy()
+    with pytest.raises(ValueError, match="attention='global' has no deployed"):
+        XVolutionResNet(depth=18, attention='global', deploy=True)
+
+
+def test_global_attention_exports_to_onnx_for_any_size(tmp_path):
+    onnxruntime = pytest.importorskip('onnxruntime')
+    torch.manual_seed(0)
+    op = XVolution(8, 8, stride=2, attention='global', num_heads=2)
+    randomize_norms(op)
+    op.eval()
+    path = tmp_path / 'xvolution-sa.onnx'
+    torch.onnx.export(
+        op,
+        (torch.randn(1, 8, 12, 10),),
+        str(path),
+        dynamo=False,
+        input_names=['x'],
+        dynamic_axes={'x': {0: 'n', 2: 'h', 3: 'w'}},
+    )
+    session = onnxruntime.InferenceSession(
+        str(path), providers=['CPUExecutionProvider']
+    )
+    for size in [(1, 1), (5, 3), (17, 22)]:
+        x = torch.randn(2, 8, *size)
+        with torch.no_grad():
+            expected = op(x).numpy()
+        got = session.run(None, {'x': x.numpy()})[0]
+        assert got.shape == expected.shape
+        assert abs(got - expected).max() < 1e-4, size
 
 
 @pytest.mark.parametrize(
@@ -501,6 +671,22 @@ def test_converted_backbone_computes_the_source_resnet(
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_converted_global_attention_backbone_computes_the_source_resnet(
+    resnet18,
+):
+    state, plain = resnet18
+    model = XVolutionResNet(depth=18, attention='global', num_heads=2)
+    model.init_weights()
+    converted = convert_resnet_to_xvolution(state, model=model)
+    assert 'layer3.0.conv1.attn.qkv.weight' in converted
+    assert not converted['layer3.0.conv1.attn_bn.weight'].any()
+    model.load_state_dict(converted, strict=True)
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        for a, b in zip(plain(x), model.eval()(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_conversion_is_deterministic_and_leaves_the_global_rng_alone(
     resnet18,
 ):
@@ -636,8 +822,8 @@ def test_reparameterized_detector_predicts_the_same(tmp_path):
 
 def test_reparameterize_refuses_a_model_without_xvolution(tmp_path):
     config = REPO / 'configs/drop_in/mask-rcnn_r50-acmix-c3-c5_fpn_1x_coco.py'
+    trained = tmp_path / 'trained.pth'
+    torch.save({'state_dict': {'conv1.weight': torch.zeros(1)}}, trained)
     with pytest.raises(ValueError, match='has no X-volution'):
-        reparameterize(
-            str(config), str(tmp_path / 'x.pth'), str(tmp_path / 'y.pth')
-        )
-    assert list(tmp_path.iterdir()) == []
+        reparameterize(str(config), str(trained), str(tmp_path / 'out.pth'))
+    assert list(tmp_path.iterdir()) == [trained]

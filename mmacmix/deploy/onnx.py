@@ -31,8 +31,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from mmacmix.fileio import atomic_path
+from mmacmix.fileio import atomic_path, check_destination
 from mmacmix.models.utils import load_pretrained, read_state_dict
+
+from .reparameterize import switch_to_deploy
 
 __all__ = [
     'build_backbone',
@@ -79,7 +81,13 @@ def load_backbone_cfg(
             model.get('backbone'), Mapping
         ):
             raise ValueError(f'{config} has no model.backbone to export')
-        return _plain(model['backbone'])
+        backbone = _plain(model['backbone'])
+        scope = cfg.get('default_scope')
+        if scope and '.' not in backbone.get('type', '.'):
+            # A backbone of the config's codebase (mmdet's ResNet in the
+            # drop-in configs) is built from that codebase's registry.
+            backbone['type'] = f'{scope}.{backbone["type"]}'
+        return backbone
     if isinstance(backbone_cfg, Mapping):
         return _plain(backbone_cfg)
     if osp.isfile(backbone_cfg):
@@ -179,8 +187,10 @@ def build_backbone(cfg: Mapping, checkpoint: str | None = None) -> nn.Module:
         cfg.pop('init_cfg', None)
         if any(key.endswith('.dynamic_weight') for key in state_dict):
             # Written after switch_to_deploy() (mmacmix.deploy.
-            # reparameterize): only the deployed form has these keys.
-            cfg['deploy'] = True
+            # reparameterize): only the deployed form has these keys. In a
+            # drop-in backbone the X-volution op is the dcn entry.
+            target = cfg['dcn'] if isinstance(cfg.get('dcn'), dict) else cfg
+            target['deploy'] = True
     model = MODELS.build(cfg)
     if state_dict is None:
         # MMEngine logs every parameter's initialisation at INFO level.
@@ -196,9 +206,9 @@ def build_backbone(cfg: Mapping, checkpoint: str | None = None) -> nn.Module:
         if not any(key.startswith(prefix) for key in state_dict):
             prefix = None
         load_pretrained(model, checkpoint, prefix)
-    model = revert_sync_batchnorm(model).eval()
-    if hasattr(model, 'switch_to_deploy'):
-        model.switch_to_deploy()
+    model = revert_sync_batchnorm(model)
+    model.eval()  # mmdet's ResNet.train() returns None, not the module
+    switch_to_deploy(model, strict=False)
     return model
 
 
@@ -255,14 +265,12 @@ def export_onnx(
         dict: The largest absolute difference at each verified size.
 
     Raises:
-        FileExistsError: If ``path`` exists and ``force`` is False.
+        OSError: If ``path`` exists (and ``force`` is False) or cannot be
+            written.
         ValueError: If a size is below :func:`min_input_side` or the graph
             differs from PyTorch by more than ``atol``.
     """
-    if osp.exists(path) and not force:
-        raise FileExistsError(
-            f'{path!r} already exists; pass --force to overwrite it'
-        )
+    check_destination(path, force, 'ONNX file')
     least = min_input_side(model)
     if sample_size is None:
         side = max(256, -(-least // 32) * 32)
@@ -280,11 +288,11 @@ def export_onnx(
                 f'{tuple(size)}'
             )
     channels = getattr(model, 'in_channels', 3)
-    model = model.eval()
-    if hasattr(model, 'switch_to_deploy'):
-        # X-volution's training form is two branches and two norms; what
-        # is deployed (and traced to a size-independent graph) is one op.
-        model.switch_to_deploy()
+    model.eval()
+    # X-volution's training form is two branches and two norms; what is
+    # deployed (and traced to a size-independent graph) is one op. The
+    # global-attention form has no deployed form and is traced as it is.
+    switch_to_deploy(model, strict=False)
     sample = torch.randn(1, channels, *sample_size)
     with torch.no_grad():
         num_outputs = len(_as_tuple(model(sample)))

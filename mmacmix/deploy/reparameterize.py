@@ -15,8 +15,13 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 from torch import Tensor, nn
 
-from mmacmix.checkpoint import refuse_existing, save_atomically
-from mmacmix.models.utils import load_state_dict_strictly
+from mmacmix.checkpoint import (
+    load_state_dict_strictly,
+    read_checkpoint,
+    save_atomically,
+    state_dict_of,
+)
+from mmacmix.fileio import check_destination
 from mmacmix.models.xvolution import XVolution
 from mmacmix.models.xvolution_resnet import XVolutionResNet
 
@@ -48,14 +53,25 @@ def deploy_options(cfg: Mapping, prefix: str = 'model') -> list[str]:
     return options
 
 
-def switch_to_deploy(model: nn.Module) -> None:
+def switch_to_deploy(model: nn.Module, strict: bool = True) -> None:
     """Turns every X-volution of ``model`` into its deployed form.
 
     Backbones first (they also keep frozen stages frozen), then ops put
     into other backbones through ``build_conv_layer``; both are idempotent.
+
+    Args:
+        model (nn.Module): Any model; changed in place.
+        strict (bool): Raise for X-volutions that have no deployed form
+            (``attention='global'``); otherwise they keep their training
+            form, which computes the same in eval mode. Defaults to True.
+
+    Raises:
+        ValueError: If ``strict`` and an X-volution cannot be deployed.
     """
     for module in list(model.modules()):
-        if isinstance(module, (XVolutionResNet, XVolution)):
+        if isinstance(module, (XVolutionResNet, XVolution)) and (
+            strict or module.attention == 'pssa'
+        ):
             module.switch_to_deploy()
 
 
@@ -97,11 +113,29 @@ def reparameterize(
         list[str]: The ``--cfg-options`` entries that load ``out``.
 
     Raises:
-        FileExistsError: If ``out`` exists and ``force`` is False.
-        ValueError: If the model has no X-volution or the outputs changed.
-        KeyError: If the checkpoint does not fit the config's model.
+        OSError: If ``out`` exists (and ``force`` is False) or cannot be
+            written, or ``checkpoint`` cannot be read (checked first).
+        ValueError: If the checkpoint is no checkpoint or is deployed
+            already, the model has no X-volution, or the outputs changed.
+        KeyMismatchError: If the checkpoint does not fit the config's
+            model.
     """
-    refuse_existing(out, force)
+    check_destination(out, force, 'checkpoint')
+    source = read_checkpoint(checkpoint)
+    state_dict = state_dict_of(source, checkpoint)
+    meta = source.get('meta') if 'state_dict' in source else None
+    meta = dict(meta) if isinstance(meta, Mapping) else {}
+    if meta.get('deploy') or any(
+        key.endswith('.dynamic_weight') for key in state_dict
+    ):
+        loaded_with = ' '.join(meta.get('cfg_options') or []) or (
+            'model.backbone.deploy=True'
+        )
+        raise ValueError(
+            f'{checkpoint!r} is re-parameterised (deployed) already; '
+            f'expected a trained checkpoint. Load it as it is, with '
+            f'--cfg-options {loaded_with}'
+        )
     cfg = Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
@@ -112,8 +146,6 @@ def reparameterize(
             f'{" or ".join(DEPLOYABLE)} under model'
         )
     model = build_model(cfg)
-    source = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    state_dict = source.get('state_dict', source)
     load_state_dict_strictly(model, state_dict, checkpoint)
     model.eval()
     before = probe(model)
@@ -132,7 +164,6 @@ def reparameterize(
     for option in options:
         cfg.merge_from_dict({option.split('=')[0]: True})
     load_state_dict_strictly(build_model(cfg), deployed, out)
-    meta = dict(source.get('meta') or {}) if 'state_dict' in source else {}
     meta.update(deploy=True, cfg_options=options, source=checkpoint)
     save_atomically(dict(meta=meta, state_dict=deployed), out, force)
     return options

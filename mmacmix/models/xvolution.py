@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmacmix.registry import MODELS
@@ -39,15 +40,49 @@ KERNEL_SIZE = 3
 # ``(dy, dx) * L`` pixels away, exactly where tap ``t`` of a 3x3 convolution
 # with dilation ``L`` reads, which is what lets the branches merge.
 TAPS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+ATTENTIONS = ('pssa', 'global')
+# Shift products per row block on the CPU: 4 MiB of float32, which stays in
+# the cache between being computed and being used by the matrix product
+# (the fastest of 2**17 to 2**21 in the benchmark's shapes).
+BLOCK_ELEMENTS = 2**20
+_NOT_DEPLOYABLE = (
+    "XVolution with attention='global' has no deployed form: attention "
+    'over all positions does not merge into one convolution-style '
+    "operator (only attention='pssa' does); use the training form in eval "
+    'mode, which also exports to ONNX'
+)
+
+
+def _tap_window(
+    padded: Tensor, dy: int, dx: int, distance: int, stride: int
+) -> Tensor:
+    """The view of a map padded by ``distance`` that tap ``(dy, dx)`` reads
+    for every output position: ``padded[p * stride + (1 + d) * L]``.
+
+    The slices end at a fixed distance from the padded map's end, so that
+    a graph traced for ONNX keeps them relative to the input size (ends
+    computed from the size would be fixed at the traced one).
+    """
+    top = distance * (1 + dy)
+    left = distance * (1 + dx)
+    span = 2 * distance
+    return padded[
+        :,
+        :,
+        top : top - span or None : stride,
+        left : left - span or None : stride,
+    ]
 
 
 def shift_products(x: Tensor, distance: int, stride: int = 1) -> Tensor:
     """Multiplies the map by its copies shifted over the 3x3 taps.
 
-    Channel ``t * C + c`` of the result is ``x[c, p] * x[c, p + d_t]`` at
+    Channel ``c * 9 + t`` of the result is ``x[c, p] * x[c, p + d_t]`` at
     every output position ``p`` (taken every ``stride`` pixels), for tap
-    ``t`` of :data:`TAPS` with offset ``d_t = (dy, dx) * distance``. Pixels
-    shifted in from beyond the border are zero, as in a zero-padded
+    ``t`` of :data:`TAPS` with offset ``d_t = (dy, dx) * distance``: the
+    order of the input channels of a 3x3 kernel's ``(C_in, 3, 3)`` block,
+    so that a kernel viewed as ``(C_out, 9 * C_in)`` weights the products.
+    Pixels shifted in from beyond the border are zero, as in a zero-padded
     convolution.
 
     Args:
@@ -58,23 +93,207 @@ def shift_products(x: Tensor, distance: int, stride: int = 1) -> Tensor:
     Returns:
         Tensor: ``(B, 9 * C, ceil(H / stride), ceil(W / stride))``.
     """
-    _, _, height, width = x.shape
-    out_h = -(-height // stride)
-    out_w = -(-width // stride)
     padded = F.pad(x, (distance,) * 4)
     centre = x[:, :, ::stride, ::stride]
-    products = []
-    for dy, dx in TAPS:
-        top = distance * (1 + dy)
-        left = distance * (1 + dx)
-        shifted = padded[
-            :,
-            :,
-            top : top + (out_h - 1) * stride + 1 : stride,
-            left : left + (out_w - 1) * stride + 1 : stride,
+    products = [
+        centre * _tap_window(padded, *tap, distance, stride) for tap in TAPS
+    ]
+    return torch.stack(products, dim=2).flatten(1, 2)
+
+
+def _weighted_sum(
+    products: Tensor, weight: Tensor, base: Tensor | None = None
+) -> Tensor:
+    """``base + weight @ products`` per image, as one batched matrix
+    product: ``(B, C_out, H', W')`` from ``(B, K, H', W')`` and a
+    ``(C_out, K)`` weight (``base`` of the output's shape, or None)."""
+    batch = products.shape[0]
+    weight = weight.expand(batch, -1, -1)
+    if base is None:
+        out = torch.bmm(weight, products.flatten(2))
+        return out.view(batch, -1, *products.shape[2:])
+    out = torch.baddbmm(base.flatten(2), weight, products.flatten(2))
+    return out.view_as(base)
+
+
+class _ProductRows:
+    """The shift products of a map, a block of output rows at a time.
+
+    The nine products of a whole map are nine times its size: written to
+    memory and read back by the matrix product, they would cost more than
+    the convolution beside them. A block of rows (:data:`BLOCK_ELEMENTS`
+    products) stays in the cache between being computed and being used,
+    forward and backward; on CUDA one block covers the map.
+
+    Args:
+        x (Tensor): ``(B, C, H, W)``.
+        distance (int): The shift ``L`` in pixels.
+        stride (int): Step between output positions.
+    """
+
+    def __init__(self, x: Tensor, distance: int, stride: int) -> None:
+        self.padded = F.pad(x, (distance,) * 4)
+        self.distance = distance
+        self.stride = stride
+        self.height = -(-x.shape[2] // stride)
+        self.width = -(-x.shape[3] // stride)
+        rows = self.height
+        if x.device.type == 'cpu':
+            per_row = x.shape[0] * x.shape[1] * len(TAPS) * self.width
+            rows = max(1, BLOCK_ELEMENTS // per_row)
+        self.blocks = [
+            (top, min(top + rows, self.height))
+            for top in range(0, self.height, rows)
         ]
-        products.append(centre * shifted)
-    return torch.cat(products, dim=1)
+
+    def window(
+        self, padded: Tensor, dy: int, dx: int, start: int, stop: int
+    ) -> Tensor:
+        """The view of ``padded`` (or its gradient) that tap ``(dy, dx)``
+        reads for output rows ``[start, stop)``."""
+        step, distance = self.stride, self.distance
+        top = start * step + distance * (1 + dy)
+        left = distance * (1 + dx)
+        return padded[
+            :,
+            :,
+            top : top + (stop - start - 1) * step + 1 : step,
+            left : left + (self.width - 1) * step + 1 : step,
+        ]
+
+    def products(self, start: int, stop: int) -> Tensor:
+        """``shift_products`` of output rows ``[start, stop)``, as
+        ``(B, 9 * C, (stop - start) * W')``."""
+        centre = self.window(self.padded, 0, 0, start, stop)
+        batch, channels = centre.shape[:2]
+        products = centre.new_empty(
+            batch, channels, len(TAPS), *centre.shape[2:]
+        )
+        for tap, (dy, dx) in enumerate(TAPS):
+            window = self.window(self.padded, dy, dx, start, stop)
+            torch.mul(centre, window, out=products[:, :, tap])
+        return products.view(batch, len(TAPS) * channels, -1)
+
+    def backward(
+        self, grad_padded: Tensor, grad: Tensor, start: int, stop: int
+    ) -> None:
+        """Adds the gradient of the products of rows ``[start, stop)``
+        (``grad``, shaped as :meth:`products`) to the padded map's.
+
+        Product ``t`` at ``p`` is ``centre(p) * window_t(p)``: its gradient
+        goes to both pixels, ``grad_t * window_t`` to the centre and
+        ``grad_t * centre`` to the neighbour.
+        """
+        batch, channels = self.padded.shape[:2]
+        grads = grad.view(batch, channels, len(TAPS), stop - start, -1)
+        centre = self.window(self.padded, 0, 0, start, stop)
+        grad_centre = self.window(grad_padded, 0, 0, start, stop)
+        for tap, (dy, dx) in enumerate(TAPS):
+            window = self.window(self.padded, dy, dx, start, stop)
+            grad_window = self.window(grad_padded, dy, dx, start, stop)
+            grad_window.addcmul_(grads[:, :, tap], centre)
+            grad_centre.addcmul_(grads[:, :, tap], window)
+
+
+def _weighted_rows(
+    x: Tensor,
+    weight: Tensor,
+    distance: int,
+    stride: int,
+    base: Tensor | None = None,
+) -> Tensor:
+    """``base + weight @ shift_products(x)`` block by block (see
+    :class:`_ProductRows`), added into ``base`` in place."""
+    rows = _ProductRows(x, distance, stride)
+    batch = x.shape[0]
+    if base is None:
+        out = x.new_empty(batch, weight.shape[0], rows.height, rows.width)
+    else:
+        out = base
+    # Under autocast x may be of a lower type than the weight: it decides.
+    weight = weight.to(x.dtype).expand(batch, -1, -1)
+    for start, stop in rows.blocks:
+        block = out[:, :, start:stop].view(batch, weight.shape[1], -1)
+        block.baddbmm_(
+            weight, rows.products(start, stop), beta=int(base is not None)
+        )
+    return out
+
+
+class _PixelShiftAttention(torch.autograd.Function):
+    """``weight @ shift_products(x)`` computed in row blocks both ways.
+
+    The products are not kept for the backward pass: each block is
+    computed again there, used for the gradients of the weight and of the
+    products, and the latter's gradient accumulated into the input's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, distance, stride):
+        ctx.save_for_backward(x, weight)
+        ctx.distance, ctx.stride = distance, stride
+        return _weighted_rows(x, weight, distance, stride)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        rows = _ProductRows(x, ctx.distance, ctx.stride)
+        # Computed in x's type, as forward (autocast); the weight's
+        # gradient accumulated in the weight's.
+        grad = grad.to(x.dtype).contiguous()
+        batch = x.shape[0]
+        need_x, need_weight = ctx.needs_input_grad[:2]
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_padded = torch.zeros_like(rows.padded) if need_x else None
+        transposed = weight.t().to(x.dtype).expand(batch, -1, -1)
+        for start, stop in rows.blocks:
+            products = rows.products(start, stop)
+            block = grad[:, :, start:stop].reshape(batch, weight.shape[0], -1)
+            if need_weight:
+                grad_weight.addbmm_(
+                    block.to(weight.dtype),
+                    products.to(weight.dtype).transpose(1, 2),
+                )
+            if need_x:
+                grad_products = torch.bmm(transposed, block)
+                rows.backward(grad_padded, grad_products, start, stop)
+        grad_x = None
+        if need_x:
+            inner = slice(ctx.distance, -ctx.distance)
+            grad_x = grad_padded[:, :, inner, inner]
+        return grad_x, grad_weight, None, None
+
+
+def pixel_shift_attention(
+    x: Tensor,
+    weight: Tensor,
+    distance: int,
+    stride: int = 1,
+    base: Tensor | None = None,
+) -> Tensor:
+    """``base + weight @ shift_products(x)``: the PSSA branch before its
+    norm, or with ``base`` the deployed op's dynamic part.
+
+    Args:
+        x (Tensor): ``(B, C_in, H, W)``.
+        weight (Tensor): ``(C_out, 9 * C_in)``, input channel ``c * 9 + t``
+            (see :func:`shift_products`).
+        distance (int): The shift ``L`` in pixels.
+        stride (int): Step between output positions. Defaults to 1.
+        base (Tensor, optional): Added to the result; updated in place when
+            no gradient is needed. Defaults to None.
+
+    Returns:
+        Tensor: ``(B, C_out, ceil(H / stride), ceil(W / stride))``.
+    """
+    if torch.jit.is_tracing():
+        # One graph for every size (ONNX): whole-map products.
+        return _weighted_sum(shift_products(x, distance, stride), weight, base)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        out = _PixelShiftAttention.apply(x, weight, distance, stride)
+        return out if base is None else base + out
+    return _weighted_rows(x, weight, distance, stride, base)
 
 
 def xvolution(
@@ -93,7 +312,10 @@ def xvolution(
         y[o, p] = bias[o] + sum_{c, t} (weight[o, c, t]
                   + x[c, p] * dynamic_weight[o, c, t]) * x[c, p + d_t]
 
-    with taps ``t`` spaced ``dilation`` pixels apart and zero padding.
+    with taps ``t`` spaced ``dilation`` pixels apart and zero padding. It
+    is computed as the static convolution plus the dynamic kernel's
+    weighted sum of the shifted products (a matrix product over the
+    ``9 * C_in`` products, see :func:`pixel_shift_attention`).
 
     Args:
         x (Tensor): ``(B, C_in, H, W)``.
@@ -109,27 +331,10 @@ def xvolution(
     out = F.conv2d(
         x, weight, bias, stride=stride, padding=dilation, dilation=dilation
     )
-    padded = F.pad(x, (dilation,) * 4)
-    centre = x[:, :, ::stride, ::stride]
-    # One product map and one 1x1 convolution per tap, accumulated in
-    # place: only one product map is alive at a time (the training form
-    # keeps all nine for its backward pass). Traced for ONNX, sizes computed
-    # from the output's shape (slice ends, flatten / unflatten) were fixed
-    # at the traced input's; slices that end at a constant distance from
-    # the padded map's end (``top + H``, ceil(H / stride) rows) are not.
-    span = 2 * dilation
-    for dy, dx in TAPS:
-        top = dilation * (1 + dy)
-        left = dilation * (1 + dx)
-        shifted = padded[
-            :,
-            :,
-            top : top - span or None : stride,
-            left : left - span or None : stride,
-        ]
-        tap_weight = dynamic_weight[:, :, 1 + dy, 1 + dx, None, None]
-        out.add_(F.conv2d(centre * shifted, tap_weight))
-    return out
+    # Under autocast the convolution's output type is the op's.
+    return pixel_shift_attention(
+        x.to(out.dtype), dynamic_weight.flatten(1), dilation, stride, out
+    )
 
 
 def fuse_bn(
@@ -151,13 +356,75 @@ def fuse_bn(
     return weight * scale.reshape(-1, 1, 1, 1), shift
 
 
+class GlobalSelfAttention(BaseModule):
+    """Multi-head self-attention over every position of a map.
+
+    The attention branch of X-volution (SA): 1x1 projections to queries,
+    keys and values, scaled dot-product attention of each query over all
+    positions (``softmax(q k^T / sqrt(d)) v`` per head), and a 1x1 output
+    projection. At stride ``s`` the queries are the positions a strided
+    3x3 convolution centres its windows on (every ``s``-th pixel, from the
+    first); keys and values are every position. There is no position
+    encoding: the convolution branch beside it sees the neighbourhood.
+
+    Computed by :func:`torch.nn.functional.scaled_dot_product_attention` on
+    ``(B, heads, tokens, head_dims)`` inputs, so its fused kernels (flash,
+    memory-efficient) keep memory linear in the number of positions.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels; divisible by ``num_heads``.
+        num_heads (int): Attention heads.
+        stride (int): Step between query positions. Defaults to 1.
+        init_cfg (dict, optional): Initialisation config. Defaults to None.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_heads: int,
+        stride: int = 1,
+        init_cfg: dict | None = None,
+    ) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if num_heads < 1 or out_channels % num_heads:
+            raise ValueError(
+                f'out_channels ({out_channels}) must be divisible by a '
+                f'positive num_heads, got num_heads={num_heads!r}'
+            )
+        self.channels = out_channels
+        self.num_heads = num_heads
+        self.stride = stride
+        self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1)
+        self.proj = nn.Conv2d(out_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Returns ``(B, out_channels, ceil(H / s), ceil(W / s))``."""
+        queries = x[:, :, :: self.stride, :: self.stride]
+        # Queries only where there are outputs; keys and values everywhere.
+        q_weight, kv_weight = self.qkv.weight.tensor_split([self.channels])
+        q_bias, kv_bias = self.qkv.bias.tensor_split([self.channels])
+        q = F.conv2d(queries, q_weight, q_bias).flatten(2)
+        kv = F.conv2d(x, kv_weight, kv_bias).flatten(2)
+        # (B, heads * head_dims, tokens) -> (B, heads, tokens, head_dims).
+        q = q.unflatten(1, (self.num_heads, -1)).transpose(2, 3)
+        k, v = (
+            kv.unflatten(1, (2, self.num_heads, -1)).transpose(3, 4).unbind(1)
+        )
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(2, 3).reshape(x.shape[0], -1, *queries.shape[2:])
+        return self.proj(out)
+
+
 @MODELS.register_module()
 class XVolution(BaseModule):
-    """X-volution: a 3x3 convolution and pixel shift self-attention in one.
+    """X-volution: a 3x3 convolution and self-attention in one operator.
 
     Training form (``deploy=False``)::
 
-        y = conv_bn(conv(x)) + pssa_bn(pssa(P(x)))
+        y = conv_bn(conv(x)) + pssa_bn(pssa(P(x)))            (PSSA)
+        y = conv_bn(conv(x)) + attn_bn(attn(x))                 (SA)
 
     where ``P(x)`` stacks the products ``x * shift(x, L * (dy, dx))`` of the
     map with its copies shifted over the 3x3 taps (see
@@ -166,6 +433,11 @@ class XVolution(BaseModule):
     ``L``. Deployed form (``deploy=True`` or after :meth:`switch_to_deploy`):
     the single dynamic convolution :func:`xvolution`, whose kernel at pixel
     ``p`` is ``weight + x(p) * dynamic_weight``.
+
+    ``attention='global'`` is the paper's X-volution (SA): the PSSA branch
+    is replaced by true global multi-head self-attention
+    (:class:`GlobalSelfAttention`) followed by batch norm. Attention over
+    all positions has no single-operator form: it cannot be deployed.
 
     The paper describes PSSA as shift, element-wise product and weighted
     sum, followed by batch norm, beside a convolution with batch norm; the
@@ -195,8 +467,11 @@ class XVolution(BaseModule):
 
     State dict keys (training form): ``conv.weight`` (``C_out, C_in, 3, 3``),
     ``conv.bias`` (``C_out``, only with ``bias=True``), ``conv_bn.*``,
-    ``pssa.weight`` (``C_out, 9 * C_in, 1, 1``; input channel ``t * C_in +
-    c`` for tap ``t`` of :data:`TAPS` and channel ``c``), ``pssa_bn.*``.
+    ``pssa.weight`` (``C_out, 9 * C_in, 1, 1``; input channel ``c * 9 + t``
+    for channel ``c`` and tap ``t`` of :data:`TAPS`, the layout of a 3x3
+    kernel's ``(C_in, 3, 3)`` block), ``pssa_bn.*``; with
+    ``attention='global'``, ``attn.qkv.*`` and ``attn.proj.*`` (1x1
+    convolutions with bias) and ``attn_bn.*`` instead of the ``pssa`` ones.
     Deployed form: ``weight`` and ``dynamic_weight`` (both ``C_out, C_in, 3,
     3``) and ``bias`` (``C_out``).
 
@@ -225,7 +500,13 @@ class XVolution(BaseModule):
         norm_cfg (dict): Config of the two branch norms; must build a batch
             norm (BN, SyncBN...) so that it can be folded. Defaults to
             ``dict(type='BN')``.
-        deploy (bool): Build the deployed form. Defaults to False.
+        attention (str): The attention branch: ``'pssa'`` (pixel shift
+            self-attention, deployable) or ``'global'`` (multi-head
+            self-attention over all positions). Defaults to ``'pssa'``.
+        num_heads (int): Heads of the global attention; must divide
+            ``out_channels``. Defaults to 4.
+        deploy (bool): Build the deployed form (PSSA only). Defaults to
+            False.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
     """
 
@@ -240,6 +521,8 @@ class XVolution(BaseModule):
         groups: int = 1,
         bias: bool = False,
         norm_cfg: dict | None = None,
+        attention: str = 'pssa',
+        num_heads: int = 4,
         deploy: bool = False,
         init_cfg: dict | None = None,
     ) -> None:
@@ -247,15 +530,23 @@ class XVolution(BaseModule):
         stride, dilation = conv3x3_arguments(
             'XVolution', kernel_size, stride, padding, dilation, groups
         )
+        if attention not in ATTENTIONS:
+            raise ValueError(
+                f'XVolution attention must be one of {ATTENTIONS}, '
+                f'got {attention!r}'
+            )
+        if deploy and attention != 'pssa':
+            raise ValueError(_NOT_DEPLOYABLE)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
         self.dilation = dilation
         self.with_bias = bool(bias)
         self.norm_cfg = dict(norm_cfg or dict(type='BN'))
+        self.attention = attention
         self.deploy = deploy
         # The name of the attention branch (its norm: ``<name>_bn``).
-        self.attention_branch = 'pssa'
+        self.attention_branch = 'pssa' if attention == 'pssa' else 'attn'
         if deploy:
             shape = (out_channels, in_channels, KERNEL_SIZE, KERNEL_SIZE)
             self.weight = nn.Parameter(torch.empty(shape))
@@ -273,10 +564,15 @@ class XVolution(BaseModule):
             bias=self.with_bias,
         )
         self.conv_bn = self._build_norm()
-        self.pssa = nn.Conv2d(
-            len(TAPS) * in_channels, out_channels, 1, bias=False
-        )
-        self.pssa_bn = self._build_norm()
+        if attention == 'pssa':
+            self.pssa = nn.Conv2d(
+                len(TAPS) * in_channels, out_channels, 1, bias=False
+            )
+        else:
+            self.attn = GlobalSelfAttention(
+                in_channels, out_channels, num_heads, stride
+            )
+        setattr(self, f'{self.attention_branch}_bn', self._build_norm())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A plain convolution's weights (``weight``, ``bias``) fill the
@@ -314,8 +610,15 @@ class XVolution(BaseModule):
                 self.stride,
                 self.dilation,
             )
-        products = shift_products(x, self.dilation, self.stride)
-        return self.conv_bn(self.conv(x)) + self.pssa_bn(self.pssa(products))
+        if self.attention == 'pssa':
+            attention = self.pssa_bn(
+                pixel_shift_attention(
+                    x, self.pssa.weight.flatten(1), self.dilation, self.stride
+                )
+            )
+        else:
+            attention = self.attn_bn(self.attn(x))
+        return self.conv_bn(self.conv(x)) + attention
 
     @torch.no_grad()
     def deploy_params(self) -> dict[str, Tensor]:
@@ -326,7 +629,13 @@ class XVolution(BaseModule):
 
         Returns:
             dict[str, Tensor]: ``weight``, ``dynamic_weight`` and ``bias``.
+
+        Raises:
+            ValueError: With ``attention='global'``, which has no deployed
+                form.
         """
+        if self.attention != 'pssa':
+            raise ValueError(_NOT_DEPLOYABLE)
         if self.deploy:
             return dict(
                 weight=self.weight.detach().clone(),
@@ -335,11 +644,8 @@ class XVolution(BaseModule):
             )
         weight, bias = fuse_bn(self.conv.weight, self.conv_bn, self.conv.bias)
         pssa, pssa_bias = fuse_bn(self.pssa.weight, self.pssa_bn)
-        # (C_out, 9 * C_in, 1, 1), tap-major -> (C_out, C_in, 3, 3).
-        dynamic = pssa.reshape(
-            self.out_channels, len(TAPS), self.in_channels
-        ).transpose(1, 2)
-        dynamic = dynamic.reshape(weight.shape)
+        # Input channel c * 9 + t is kernel entry [c, t // 3, t % 3].
+        dynamic = pssa.reshape(weight.shape)
         return dict(
             weight=weight, dynamic_weight=dynamic, bias=bias + pssa_bias
         )
@@ -352,6 +658,10 @@ class XVolution(BaseModule):
         branches merged into ``weight``, ``dynamic_weight`` and ``bias``; the
         training-only modules are deleted. In eval mode the output is
         unchanged up to rounding. Calling it again does nothing.
+
+        Raises:
+            ValueError: With ``attention='global'``, which has no deployed
+                form.
         """
         if self.deploy:
             return
@@ -370,5 +680,5 @@ class XVolution(BaseModule):
         return (
             f'{self.in_channels}, {self.out_channels}, kernel_size=3, '
             f'stride={self.stride}, dilation={self.dilation}, '
-            f'deploy={self.deploy}'
+            f'attention={self.attention!r}, deploy={self.deploy}'
         )

@@ -62,6 +62,11 @@ class XVolutionResNet(PluggableResNet):
         xvolution_stages (Sequence[bool]): For each of the four stages,
             whether its 3x3 convolutions are X-volutions. Defaults to
             ``(False, False, True, False)``.
+        attention (str): The X-volutions' attention branch: ``'pssa'``
+            (pixel shift self-attention) or ``'global'`` (the paper's
+            X-volution (SA): multi-head self-attention over all positions,
+            which cannot be deployed). Defaults to ``'pssa'``.
+        num_heads (int): Heads of the global attention. Defaults to 4.
         deploy (bool): Build the X-volutions in their deployed form, to
             load a checkpoint written after :meth:`switch_to_deploy`.
             Defaults to False.
@@ -89,6 +94,8 @@ class XVolutionResNet(PluggableResNet):
         self,
         depth: int,
         xvolution_stages: Sequence[bool] = (False, False, True, False),
+        attention: str = 'pssa',
+        num_heads: int = 4,
         deploy: bool = False,
         **kwargs,
     ) -> None:
@@ -98,6 +105,8 @@ class XVolutionResNet(PluggableResNet):
                 f'got {xvolution_stages!r}'
             )
         self.xvolution_stages = tuple(bool(s) for s in xvolution_stages)
+        self.attention = attention
+        self.num_heads = num_heads
         self.deploy = deploy
         super().__init__(depth, **kwargs)
 
@@ -113,6 +122,8 @@ class XVolutionResNet(PluggableResNet):
             out_channels,
             stride=stride,
             norm_cfg=self.norm_cfg,
+            attention=self.attention,
+            num_heads=self.num_heads,
             deploy=self.deploy,
         )
 
@@ -127,13 +138,18 @@ class XVolutionResNet(PluggableResNet):
                 elif not last.deploy:
                     # The residual branch is zero when both branches are.
                     nn.init.zeros_(last.conv_bn.weight)
-                    nn.init.zeros_(last.pssa_bn.weight)
+                    norm = getattr(last, f'{last.attention_branch}_bn')
+                    nn.init.zeros_(norm.weight)
 
     def switch_to_deploy(self) -> None:
         """Turns every X-volution into its deployed form, in place.
 
         In eval mode the outputs do not change (up to rounding); frozen
         stages stay frozen.
+
+        Raises:
+            ValueError: With ``attention='global'``, which has no deployed
+                form.
         """
         for module in self.modules():
             if isinstance(module, XVolution):
