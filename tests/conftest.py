@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset and quiet, fast CPU settings."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +29,20 @@ def shapes_root(tmp_path_factory) -> str:
     """A tiny shapes dataset in COCO and ADE20K layouts."""
     root = tmp_path_factory.mktemp('data') / 'shapes'
     return generate_shapes_dataset(str(root), TINY_SHAPES)
+
+
+@pytest.fixture(scope='session')
+def imagenet_root(shapes_root: str, tmp_path_factory) -> str:
+    """The shape images in ImageNet layout (``meta/{split}.txt`` lists
+    ``image label``), two classes."""
+    root = tmp_path_factory.mktemp('imagenet')
+    (root / 'meta').mkdir()
+    for split in ('train', 'val'):
+        images = sorted(Path(shapes_root, 'coco', split).glob('*.jpg'))
+        (root / split).mkdir()
+        lines = []
+        for label, image in enumerate(images):
+            (root / split / image.name).write_bytes(image.read_bytes())
+            lines.append(f'{image.name} {label % 2}\n')
+        (root / 'meta' / f'{split}.txt').write_text(''.join(lines))
+    return str(root)

@@ -117,23 +117,6 @@ def segmentation_data(root: str, split: str):
     )
 
 
-@pytest.fixture(scope='module')
-def imagenet_root(shapes_root: str, tmp_path_factory) -> str:
-    """The shape images in ImageNet layout (``meta/{split}.txt`` lists
-    ``image label``), two classes."""
-    root = tmp_path_factory.mktemp('imagenet')
-    (root / 'meta').mkdir()
-    for split in ('train', 'val'):
-        images = sorted(Path(shapes_root, 'coco', split).glob('*.jpg'))
-        (root / split).mkdir()
-        lines = []
-        for label, image in enumerate(images):
-            (root / split / image.name).write_bytes(image.read_bytes())
-            lines.append(f'{image.name} {label % 2}\n')
-        (root / 'meta' / f'{split}.txt').write_text(''.join(lines))
-    return str(root)
-
-
 def classification_data(root: str, split: str, cfg: Config):
     from mmpretrain.registry import DATASETS
 
