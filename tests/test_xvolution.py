@@ -675,11 +675,10 @@ def test_converted_global_attention_backbone_computes_the_source_resnet(
     resnet18,
 ):
     state, plain = resnet18
-    model = XVolutionResNet(depth=18, attention='global', num_heads=2)
-    model.init_weights()
-    converted = convert_resnet_to_xvolution(state, model=model)
+    converted = convert_resnet_to_xvolution(state, attention='global')
     assert 'layer3.0.conv1.attn.qkv.weight' in converted
     assert not converted['layer3.0.conv1.attn_bn.weight'].any()
+    model = XVolutionResNet(depth=18, attention='global')
     model.load_state_dict(converted, strict=True)
     x = torch.randn(1, 3, 48, 40)
     with torch.no_grad():

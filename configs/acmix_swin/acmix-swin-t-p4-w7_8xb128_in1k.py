@@ -3,7 +3,10 @@
 # weight decay 0.05, 20 warm-up epochs, cosine decay, RandAugment, Mixup,
 # CutMix, random erasing, label smoothing 0.1, gradient clipping at 5),
 # which is mmpretrain's Swin-T config; only the backbone is swapped.
-_base_ = 'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py'
+_base_ = [
+    'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
+    '../_base_/acmix_no_decay.py',
+]
 
 custom_imports = dict(imports=['mmacmix'], allow_failed_imports=False)
 
@@ -22,14 +25,5 @@ train_dataloader = dict(batch_size=128)
 val_dataloader = dict(batch_size=128)
 test_dataloader = dict(batch_size=128)
 
-# The official training decays no 1-d parameter, so neither the ACmix
-# mixing rates (the recipe's flat_decay_mult=0 covers them as well; named
-# here as in the detection configs).
-optim_wrapper = dict(
-    paramwise_cfg=dict(
-        custom_keys={
-            'attn.rate1': dict(decay_mult=0.0),
-            'attn.rate2': dict(decay_mult=0.0),
-        }
-    )
-)
+# The ACmix mixing rates join the recipe's no-decay keys.
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys=_base_.acmix_no_decay))

@@ -1,9 +1,10 @@
 # UperNet, ACmix-Swin-T backbone, ADE20K 512x512, 160k iterations: mmseg's
 # Swin-T recipe, backbone swapped.
-_base_ = (
+_base_ = [
     'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_'
-    '8xb2-160k_ade20k-512x512.py'
-)
+    '8xb2-160k_ade20k-512x512.py',
+    '../_base_/acmix_no_decay.py',
+]
 custom_imports = dict(imports=['mmacmix'], allow_failed_imports=False)
 
 pretrained = 'checkpoints/acmix-swin-t_in1k_mmacmix.pth'
@@ -24,11 +25,4 @@ model = dict(
 )
 
 # The ACmix mixing rates join the recipe's no-decay keys.
-optim_wrapper = dict(
-    paramwise_cfg=dict(
-        custom_keys={
-            'attn.rate1': dict(decay_mult=0.0),
-            'attn.rate2': dict(decay_mult=0.0),
-        }
-    )
-)
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys=_base_.acmix_no_decay))

@@ -1,6 +1,9 @@
 # Mask R-CNN, ACmix-Swin-T backbone, 1x: mmdet's Swin-T recipe, backbone
 # swapped. Convert the released ImageNet weights first (README).
-_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
+_base_ = [
+    'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+    '../_base_/acmix_no_decay.py',
+]
 custom_imports = dict(imports=['mmacmix'], allow_failed_imports=False)
 
 pretrained = 'checkpoints/acmix-swin-t_in1k_mmacmix.pth'
@@ -19,13 +22,5 @@ model = dict(
     )
 )
 
-# Beside the recipe's no-decay keys (relative_position_bias_table, norm): the
-# ACmix mixing rates, which the official ImageNet training did not decay.
-optim_wrapper = dict(
-    paramwise_cfg=dict(
-        custom_keys={
-            'attn.rate1': dict(decay_mult=0.0),
-            'attn.rate2': dict(decay_mult=0.0),
-        }
-    )
-)
+# The ACmix mixing rates join the recipe's no-decay keys.
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys=_base_.acmix_no_decay))

@@ -1,6 +1,9 @@
 # Mask R-CNN, ACmix-Swin-T backbone, 3x with multi-scale and crop
 # augmentation: mmdet's Swin-T recipe, backbone swapped.
-_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py'
+_base_ = [
+    'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py',
+    '../_base_/acmix_no_decay.py',
+]
 custom_imports = dict(imports=['mmacmix'], allow_failed_imports=False)
 
 pretrained = 'checkpoints/acmix-swin-t_in1k_mmacmix.pth'
@@ -20,11 +23,4 @@ model = dict(
 )
 
 # The ACmix mixing rates join the recipe's no-decay keys.
-optim_wrapper = dict(
-    paramwise_cfg=dict(
-        custom_keys={
-            'attn.rate1': dict(decay_mult=0.0),
-            'attn.rate2': dict(decay_mult=0.0),
-        }
-    )
-)
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys=_base_.acmix_no_decay))

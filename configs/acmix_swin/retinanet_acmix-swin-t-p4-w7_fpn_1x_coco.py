@@ -1,6 +1,9 @@
 # RetinaNet, ACmix-Swin-T backbone, 1x: mmdet's Swin-T recipe (SGD, FPN from
 # stage 2), backbone swapped.
-_base_ = 'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py'
+_base_ = [
+    'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py',
+    '../_base_/acmix_no_decay.py',
+]
 custom_imports = dict(imports=['mmacmix'], allow_failed_imports=False)
 
 pretrained = 'checkpoints/acmix-swin-t_in1k_mmacmix.pth'
@@ -20,3 +23,6 @@ model = dict(
         ),
     )
 )
+
+# The ACmix mixing rates join the recipe's no-decay keys.
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys=_base_.acmix_no_decay))

@@ -270,6 +270,7 @@ def convert_resnet_to_xvolution(
     checkpoint: Mapping,
     model: XVolutionResNet | None = None,
     depth: int | None = None,
+    attention: str = 'pssa',
 ) -> dict[str, Tensor]:
     """Maps ImageNet ResNet weights onto an :class:`XVolutionResNet`.
 
@@ -296,8 +297,11 @@ def convert_resnet_to_xvolution(
             (DataParallel) is removed.
         model (XVolutionResNet, optional): The backbone the weights are for
             (training form); by default an ``XVolutionResNet`` with X-volution
-            in stage 3 and the depth of the checkpoint.
+            in stage 3, the depth of the checkpoint and ``attention``.
         depth (int, optional): Expected depth; read from the keys if None.
+        attention (str): The attention branch of the default model,
+            ``'pssa'`` or ``'global'`` (X-volution (SA)). Defaults to
+            ``'pssa'``.
 
     Returns:
         dict[str, Tensor]: The backbone's state dict, without prefix.
@@ -334,7 +338,7 @@ def convert_resnet_to_xvolution(
         # global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = XVolutionResNet(depth=found)
+            model = XVolutionResNet(depth=found, attention=attention)
             model.init_weights()
     elif model.depth != found:
         raise ValueError(
