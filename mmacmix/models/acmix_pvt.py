@@ -61,6 +61,7 @@ from .utils import (
     arch_settings,
     check_image_batch,
     eval_norms,
+    freeze,
     init_weights_strictly,
     stage_arguments,
 )
@@ -588,10 +589,7 @@ class ACmixPVT(BaseModule):
         if self.frozen_stages == 0:
             modules.append(self.layers[0][0])
         modules += self.layers[: max(self.frozen_stages, 0)]
-        for module in modules:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+        freeze(modules)
 
     def train(self, mode: bool = True) -> 'ACmixPVT':
         """Sets the mode, keeping frozen stages (and, with ``norm_eval``,

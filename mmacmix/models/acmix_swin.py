@@ -32,6 +32,7 @@ from .utils import (
     arch_settings,
     check_image_batch,
     eval_norms,
+    freeze,
     init_weights_strictly,
     stage_arguments,
 )
@@ -684,10 +685,7 @@ class ACmixSwinTransformer(BaseModule):
             modules.append(self.layers[stage])
             if stage in self.out_indices:
                 modules.append(getattr(self, f'norm{stage}'))
-        for module in modules:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+        freeze(modules)
 
     def train(self, mode: bool = True) -> 'ACmixSwinTransformer':
         """Sets the mode, keeping frozen stages (and, with ``norm_eval``,

@@ -252,6 +252,15 @@ def stage_arguments(
     return out_indices
 
 
+def freeze(modules: Sequence[nn.Module]) -> None:
+    """Puts ``modules`` in eval mode and stops their parameters' gradients
+    (mmdet's ``frozen_stages``)."""
+    for module in modules:
+        module.eval()
+        for param in module.parameters():
+            param.requires_grad = False
+
+
 def eval_norms(module: nn.Module) -> None:
     """Puts every normalisation layer of ``module`` in eval mode (mmdet's
     ``norm_eval``)."""
