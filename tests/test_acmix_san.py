@@ -109,7 +109,7 @@ def test_frozen_stages_and_norm_eval_survive_train():
 
 def test_every_parameter_receives_a_gradient():
     torch.manual_seed(0)
-    model = ACmixSAN(arch=SMALL)
+    model = ACmixSAN(arch=SMALL, zero_init_residual=False)
     model.init_weights()
     outs = model(torch.randn(2, 3, 40, 40))
     sum(o.square().mean() for o in outs).backward()
@@ -124,6 +124,11 @@ def test_every_parameter_receives_a_gradient():
 def test_init_keeps_acmix_shift_kernels_and_rates():
     model = ACmixSAN(arch=SMALL)
     model.init_weights()
+    last_convs = [
+        block.conv for i in range(5) for block in getattr(model, f'layer{i}')
+    ]
+    assert len(last_convs) == 5
+    assert not any(c.weight.any() or c.bias.any() for c in last_convs)
     acmix = model.layer2[0].sam.acmix
     assert acmix.rate1.item() == 0.5 and acmix.rate2.item() == 0.5
     one_hot = torch.eye(9).view(1, 9, 3, 3).expand_as(acmix.dep_conv.weight)

@@ -379,6 +379,12 @@ class ACmixSAN(BaseModule):
             Defaults to False.
         with_cp (bool): Gradient checkpointing of every block. Defaults to
             False.
+        zero_init_residual (bool): Start every block as the identity by
+            zeroing its last convolution, as mmdet's ResNet does with its
+            last norm. SAN itself does not; but without it a randomly
+            initialised SAN whose norms keep their initial statistics
+            (``norm_eval``) grows by orders of magnitude a block and
+            overflows. Defaults to True.
         init_cfg (dict | list[dict], optional): Initialisation config; a
             ``dict(type='Pretrained', checkpoint=..., prefix=...)`` entry is
             loaded with strict key matching. Defaults to Kaiming for convs
@@ -408,6 +414,7 @@ class ACmixSAN(BaseModule):
         norm_cfg: dict | None = None,
         norm_eval: bool = False,
         with_cp: bool = False,
+        zero_init_residual: bool = True,
         init_cfg: dict | list[dict] | None = None,
     ) -> None:
         if init_cfg is None:
@@ -434,6 +441,7 @@ class ACmixSAN(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_cfg = norm_cfg or dict(type='BN', requires_grad=True)
         self.norm_eval = norm_eval
+        self.zero_init_residual = zero_init_residual
 
         self.conv_in = nn.Conv2d(in_channels, STEM_CHANNELS, 1, bias=False)
         self.bn_in = build_norm_layer(self.norm_cfg, STEM_CHANNELS)[1]
@@ -498,10 +506,18 @@ class ACmixSAN(BaseModule):
         return [self.conv_in, self.bn_in] + modules if index == 0 else modules
 
     def init_weights(self) -> None:
-        """Initialises from ``init_cfg``; a ``Pretrained`` entry is loaded
-        last, with strict key matching (see :func:`init_weights_strictly`).
+        """Initialises from ``init_cfg``, then zeroes the residual ends; a
+        ``Pretrained`` entry is loaded last, with strict key matching (see
+        :func:`init_weights_strictly`).
         """
-        init_weights_strictly(self, super().init_weights)
+        init_weights_strictly(self, super().init_weights, self._zero_init)
+
+    def _zero_init(self) -> None:
+        if self.zero_init_residual:
+            for block in self.modules():
+                if isinstance(block, SANBottleneck):
+                    nn.init.zeros_(block.conv.weight)
+                    nn.init.zeros_(block.conv.bias)
 
     def _freeze_stages(self) -> None:
         for index in range(self.frozen_stages + 1):
