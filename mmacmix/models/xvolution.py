@@ -161,18 +161,32 @@ class _ProductRows:
             left : left + (self.width - 1) * step + 1 : step,
         ]
 
+    def taps(self, start: int, stop: int) -> Tensor:
+        """All nine windows of rows ``[start, stop)`` as one view without
+        copy, ``(B, C, 3, 3, rows, W')``: tap ``(dy, dx)`` at ``[dy + 1,
+        dx + 1]``, the nine a fixed step apart in memory (like an unfold)."""
+        first = self.window(self.padded, -1, -1, start, stop)
+        batch, channels, rows, width = first.shape
+        step = self.distance * self.padded.stride(2)
+        return first.as_strided(
+            (batch, channels, 3, 3, rows, width),
+            (*first.stride()[:2], step, self.distance, *first.stride()[2:]),
+            first.storage_offset(),
+        )
+
     def products(self, start: int, stop: int) -> Tensor:
         """``shift_products`` of output rows ``[start, stop)``, as
-        ``(B, 9 * C, (stop - start) * W')``."""
+        ``(B, 9 * C, (stop - start) * W')``: one broadcast product."""
         centre = self.window(self.padded, 0, 0, start, stop)
-        batch, channels = centre.shape[:2]
-        products = centre.new_empty(
-            batch, channels, len(TAPS), *centre.shape[2:]
+        taps = self.taps(start, stop)
+        # Written into a contiguous tensor: the order the matrix product
+        # reads (a plain product would follow the taps' strides).
+        products = torch.mul(
+            centre[:, :, None, None],
+            taps,
+            out=torch.empty_like(taps, memory_format=torch.contiguous_format),
         )
-        for tap, (dy, dx) in enumerate(TAPS):
-            window = self.window(self.padded, dy, dx, start, stop)
-            torch.mul(centre, window, out=products[:, :, tap])
-        return products.view(batch, len(TAPS) * channels, -1)
+        return products.flatten(1, 3).flatten(2)
 
     def backward(
         self, grad_padded: Tensor, grad: Tensor, start: int, stop: int
@@ -182,17 +196,17 @@ class _ProductRows:
 
         Product ``t`` at ``p`` is ``centre(p) * window_t(p)``: its gradient
         goes to both pixels, ``grad_t * window_t`` to the centre and
-        ``grad_t * centre`` to the neighbour.
+        ``grad_t * centre`` to the neighbour (tap by tap: the neighbours'
+        windows overlap).
         """
         batch, channels = self.padded.shape[:2]
-        grads = grad.view(batch, channels, len(TAPS), stop - start, -1)
+        grads = grad.view(batch, channels, 3, 3, stop - start, -1)
         centre = self.window(self.padded, 0, 0, start, stop)
         grad_centre = self.window(grad_padded, 0, 0, start, stop)
-        for tap, (dy, dx) in enumerate(TAPS):
-            window = self.window(self.padded, dy, dx, start, stop)
+        grad_centre.add_((grads * self.taps(start, stop)).sum((2, 3)))
+        for dy, dx in TAPS:
             grad_window = self.window(grad_padded, dy, dx, start, stop)
-            grad_window.addcmul_(grads[:, :, tap], centre)
-            grad_centre.addcmul_(grads[:, :, tap], window)
+            grad_window.addcmul_(grads[:, :, dy + 1, dx + 1], centre)
 
 
 def _weighted_rows(
@@ -211,12 +225,13 @@ def _weighted_rows(
     else:
         out = base
     # Under autocast x may be of a lower type than the weight: it decides.
-    weight = weight.to(x.dtype).expand(batch, -1, -1)
+    weight = weight.to(x.dtype)
     for start, stop in rows.blocks:
-        block = out[:, :, start:stop].view(batch, weight.shape[1], -1)
-        block.baddbmm_(
-            weight, rows.products(start, stop), beta=int(base is not None)
-        )
+        products = rows.products(start, stop)
+        for image in range(batch):
+            # A view of the output rows: the product is written in place.
+            block = out[image, :, start:stop].view(weight.shape[0], -1)
+            block.addmm_(weight, products[image], beta=int(base is not None))
     return out
 
 
