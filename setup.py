@@ -1,10 +1,18 @@
 """Packaging for mmacmix; pinned versions for a CPU setup live in
 requirements/constraints.txt."""
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+# Shipped inside the package, as OpenMMLab packages ship theirs: ``mim``
+# and mmacmix.configs find them in mmacmix/.mim/ of an installed copy.
+MIM_FOLDERS = {'configs': ('*.py',), 'tools': ('*.py', '*.sh')}
 
 
 def read_version() -> str:
@@ -15,12 +23,35 @@ def read_version() -> str:
     return scope['__version__']
 
 
+class BuildWithMimFiles(build_py):
+    """Copies configs/ and tools/ into mmacmix/.mim/ of the build.
+
+    An editable install reads them from the checkout instead.
+    """
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, 'editable_mode', False):
+            return
+        mim = Path(self.build_lib, 'mmacmix', '.mim')
+        shutil.rmtree(mim, ignore_errors=True)
+        for folder, patterns in MIM_FOLDERS.items():
+            for pattern in patterns:
+                for source in (ROOT / folder).rglob(pattern):
+                    target = mim / source.relative_to(ROOT)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(source, target)
+
+
 def extensions() -> dict:
     """The compiled CPU kernels, built only when torch is importable.
 
-    Without them (no torch at build time, no compiler, a failed build) the
-    package still works, on a much slower PyTorch fallback.
+    Without them (no torch at build time, no compiler, a failed build, or
+    ``MMACMIX_WITH_OPS=0``) the package still works, on a much slower
+    PyTorch fallback.
     """
+    if os.environ.get('MMACMIX_WITH_OPS', '1') == '0':
+        return {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
@@ -45,6 +76,7 @@ def extensions() -> dict:
     return {'ext_modules': [extension], 'cmdclass': {'build_ext': build}}
 
 
+ops = extensions()
 setup(
     name='mmacmix',
     version=read_version(),
@@ -86,5 +118,6 @@ setup(
         'License :: OSI Approved :: Apache Software License',
         'Topic :: Scientific/Engineering :: Artificial Intelligence',
     ],
-    **extensions(),
+    ext_modules=ops.get('ext_modules', []),
+    cmdclass={'build_py': BuildWithMimFiles, **ops.get('cmdclass', {})},
 )

@@ -24,7 +24,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 import numpy as np
@@ -33,6 +32,7 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 
 from mmacmix.apis import build_runner, load_config
+from mmacmix.configs import find_config
 from mmacmix.datasets import ShapesSpec, generate_shapes_dataset
 from mmacmix.fileio import check_folder
 
@@ -48,9 +48,8 @@ CONFIG_DATA_ROOT = 'data/shapes/'
 
 
 def default_config() -> str:
-    """Path of the demo's Mask R-CNN config in this checkout."""
-    root = Path(__file__).resolve().parents[2]
-    return str(root / 'configs' / 'demo' / 'mask-rcnn_acmix-r26_fpn_shapes.py')
+    """Path of the demo's Mask R-CNN config, installed or in a checkout."""
+    return find_config('demo/mask-rcnn_acmix-r26_fpn_shapes.py')
 
 
 @dataclass
