@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmacmix.checkpoint import convert_cli
+from mmacmix.cli import convert_cli
 from mmacmix.models import ACmixSwinTransformer, convert_acmix_swin
 from mmacmix.registry import MODELS
 
