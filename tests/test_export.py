@@ -27,6 +27,7 @@ from mmacmix.models import (
     ACmix,
     ACmixPVT,
     ACmixResNet,
+    ACmixSAN,
     ACmixSwinTransformer,
     XVolution,
     XVolutionResNet,
@@ -277,6 +278,31 @@ def test_acmix_pvt_pads_and_reduces_for_any_size(tmp_path):
     assert {'Resize', 'Pad', 'Conv'} <= standard_ops_only(out)
     # Every patch embedding and spatial reduction pads, down to 1x1 maps.
     diffs = onnx_differences(out, model, [(97, 131), (5, 3)])
+    assert max(diffs) < ATOL, diffs
+
+
+def test_acmix_san_reflects_windows_for_any_size(tmp_path):
+    torch.manual_seed(0)
+    arch = dict(blocks=(1, 1, 1, 1, 1), kernel_sizes=(3, 5, 5, 5, 5))
+    model = randomised(ACmixSAN(arch=arch, zero_init_residual=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(('rate1', 'rate2', 'dep_conv.weight')):
+                param.uniform_(-1, 1)
+            elif name.endswith(('.conv.weight', '.conv.bias')):
+                param.mul_(0.2)  # residual branches at a fifth
+    checkpoint = save_backbone(model, tmp_path / 'san.pth')
+    out = tmp_path / 'san.onnx'
+    cfg = (
+        '{"type": "mmacmix.ACmixSAN", "arch": {"blocks": [1, 1, 1, 1, 1], '
+        '"kernel_sizes": [3, 5, 5, 5, 5]}, "zero_init_residual": false}'
+    )
+    traced_at = dict(sample_size=(48, 40), verify_sizes=[])
+    export(checkpoint, out, backbone_cfg=cfg, **traced_at)
+    assert 'Conv' in standard_ops_only(out)
+    # Odd sizes round the pools up; at 5x3 every window folds its
+    # reflection over maps narrower than itself.
+    diffs = onnx_differences(out, model, [(45, 67), (5, 3)])
     assert max(diffs) < ATOL, diffs
 
 
