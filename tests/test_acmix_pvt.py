@@ -277,6 +277,11 @@ def test_cli_lists_the_new_keys_and_writes_atomically(tmp_path, capsys):
     assert exit_info.value.code == 1
     assert 'already exists' in capsys.readouterr().err
     assert dst.read_bytes() == first
+    torch.save({'conv1.weight': torch.zeros(1)}, tmp_path / 'resnet.pth')
+    with pytest.raises(SystemExit) as exit_info:
+        convert(tmp_path / 'resnet.pth', tmp_path / 'never.pth')
+    assert exit_info.value.code == 1
+    assert 'not a PVT checkpoint' in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out.pth', 'pvt.pth']
 
 
