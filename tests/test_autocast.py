@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmacmix.models import ACmix, ACmixPVT, ACmixResNet, XVolutionResNet
+from mmacmix.models import (
+    ACmix,
+    ACmixPVT,
+    ACmixResNet,
+    ACmixSAN,
+    XVolutionResNet,
+)
+from mmacmix.models.acmix_san import PatchwiseSelfAttention
 from mmacmix.models.acmix_swin import (
     ACmixSwinTransformer,
     ACmixWindowAttention,
@@ -121,6 +128,12 @@ def randomised(module: nn.Module) -> nn.Module:
     [
         ('acmix', lambda: randomised(ACmix(16, 16, num_heads=2))),
         ('acmix_stride2', lambda: ACmix(16, 32, stride=2, num_heads=4)),
+        (
+            'acmix_san_attention',
+            lambda: randomised(
+                PatchwiseSelfAttention(16, 4, 16, 4, kernel_size=5)
+            ),
+        ),
         ('xvolution', lambda: xvolution.XVolution(16, 16)),
         (
             'xvolution_stride2_dilation2',
@@ -222,17 +235,42 @@ def backbone_pair(family: str) -> tuple[nn.Module, nn.Module]:
     return model.train(), control.train()
 
 
-@pytest.mark.parametrize('family', ['acmix_resnet', 'xvolution_resnet'])
+def san_pair() -> tuple[nn.Module, nn.Module]:
+    """ACmix-SAN and its control, the plain patchwise SAN: the same
+    network without ACmix's convolution path, same other weights."""
+    arch = dict(blocks=(1, 1, 1, 1, 1), kernel_sizes=(3, 3, 3, 3, 3))
+    pair = []
+    for with_acmix in (True, False):
+        net = ACmixSAN(arch, with_acmix=with_acmix, zero_init_residual=False)
+        torch.manual_seed(0)
+        net.init_weights()
+        with torch.no_grad():  # residual branches at a fifth, as above
+            for block in net.modules():
+                if hasattr(block, 'sam'):
+                    block.conv.weight.mul_(0.2)
+        pair.append(net)
+    model, control = pair
+    model.load_state_dict(control.state_dict(), strict=False)
+    return model.train(), control.train()
+
+
+@pytest.mark.parametrize(
+    'family', ['acmix_resnet', 'xvolution_resnet', 'acmix_san']
+)
 def test_resnet_backbones_under_bfloat16_autocast(family):
-    model, control = backbone_pair(family)
+    model, control = (
+        san_pair() if family == 'acmix_san' else backbone_pair(family)
+    )
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     ours, theirs = errors(model, x), errors(control, x)
     for key in ours:
         if key == 'cosine':
             continue  # follows from the gradient's error, checked below
-        # Feature maps stay close in absolute terms too.
+        # Feature maps stay close in absolute terms too: within 5 %, or
+        # the control's error where the plain network itself is further
+        # off (SAN's stage 4: 5.9 % plain, 4.9 % with ACmix).
         if key.startswith('out'):
-            assert ours[key] < 0.05, (key, ours)
+            assert ours[key] < max(0.05, theirs[key]), (key, ours)
         assert ours[key] < CONTROL_FACTOR * theirs[key] + 1e-3, (
             key,
             ours,
