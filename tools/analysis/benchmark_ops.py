@@ -35,7 +35,9 @@ them), everywhere on CUDA.
 ``--backbone`` adds whole backbones (1 x 3 x 512 x 512 on CPU,
 2 x 3 x 800 x 1216 on CUDA): ACmix-ResNet-50 (fast and reference) against
 a plain ResNet-50 on the same code, ACmix-Swin-T against torchvision's
-Swin-T, and ACmix-PVT-T against mmdet's PVT-T.  Only that last pair needs
+Swin-T, ACmix-SAN-10 against the patchwise SAN-10 it is built on (the same
+class with ``with_acmix=False``), and ACmix-PVT-T against mmdet's PVT-T.
+Only that last pair needs
 mmdet (and with it mmcv's compiled ops, which mmdet imports).  ``--autocast
 float16`` runs every forward under ``torch.autocast``.
 
@@ -61,7 +63,8 @@ temporaries, gradients and outputs; not the weights or the input.
 Usage::
 
     python tools/analysis/benchmark_ops.py [--device cpu|cuda] [--quick]
-        [--tables acmix attention xvolution] [--backbone [resnet swin pvt]]
+        [--tables acmix attention xvolution]
+        [--backbone [resnet swin san pvt]]
         [--autocast none|float16|bfloat16] [--batch N] [--repeats N]
         [--warmup N]
 """
@@ -86,6 +89,7 @@ from mmacmix.models import (
     ACmix,
     ACmixPVT,
     ACmixResNet,
+    ACmixSAN,
     ACmixSwinTransformer,
     XVolution,
 )
@@ -104,6 +108,7 @@ BACKBONE_TABLES = {
     'resnet': ('resnet50', 'acmix-r50', 'acmix-r50-reference'),
     'swin': ('swin-t', 'acmix-swin-t'),
     'pvt': ('pvt-t', 'acmix-pvt-t'),
+    'san': ('san10', 'acmix-san10'),
 }
 # X-volution table: (case, pass) columns, all timed in turns.
 XVOLUTION_CASES = (
@@ -265,6 +270,8 @@ def build_case(
         module = PyramidVisionTransformer(num_layers=[2, 2, 2, 2])
     elif case == 'acmix-pvt-t':
         module = ACmixPVT(arch='tiny')
+    elif case in ('san10', 'acmix-san10'):
+        module = ACmixSAN(arch=10, with_acmix=case == 'acmix-san10')
     else:
         raise ValueError(f'unknown case {case!r}')
     module = module.to(device).train()
@@ -624,8 +631,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='whole backbones, forward + backward at 1x3x512x512 on cpu and '
         '2x3x800x1216 on cuda: ACmix-ResNet-50 (fast and reference) against '
         'a plain ResNet-50 on the same code (resnet), ACmix-Swin-T against '
-        "torchvision's Swin-T (swin), ACmix-PVT-T against mmdet's PVT-T "
-        '(pvt); no name: all',
+        "torchvision's Swin-T (swin), ACmix-SAN-10 against the patchwise "
+        "SAN-10 (san), ACmix-PVT-T against mmdet's PVT-T (pvt); no name: "
+        'all',
     )
     parser.add_argument(
         '--threads', type=int, help='torch threads (default: torch default)'
