@@ -282,7 +282,9 @@ def test_cli_lists_the_new_keys_and_writes_atomically(tmp_path, capsys):
         convert(tmp_path / 'resnet.pth', tmp_path / 'never.pth')
     assert exit_info.value.code == 1
     assert 'not a PVT checkpoint' in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['out.pth', 'pvt.pth']
+    # Nothing partial or refused was left behind.
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ['out.pth', 'pvt.pth', 'resnet.pth']
 
 
 def test_mmdet_layout_and_detector_checkpoints_convert_alike():
