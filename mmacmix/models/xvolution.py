@@ -41,9 +41,10 @@ KERNEL_SIZE = 3
 # with dilation ``L`` reads, which is what lets the branches merge.
 TAPS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 ATTENTIONS = ('pssa', 'global')
-# Shift products per row block on the CPU: 4 MiB of float32, which stays in
-# the cache between being computed and being used by the matrix product
-# (the fastest of 2**17 to 2**21 in the benchmark's shapes).
+# Shift products per row block and CPU thread: 4 MiB of float32, each
+# thread's share of a block staying in its core's cache between being
+# computed and being used by the matrix product (the fastest of 2**17 to
+# 2**23 per thread in the benchmark's shapes).
 BLOCK_ELEMENTS = 2**20
 _NOT_DEPLOYABLE = (
     "XVolution with attention='global' has no deployed form: attention "
@@ -140,7 +141,8 @@ class _ProductRows:
         rows = self.height
         if x.device.type == 'cpu':
             per_row = x.shape[0] * x.shape[1] * len(TAPS) * self.width
-            rows = max(1, BLOCK_ELEMENTS // per_row)
+            block = BLOCK_ELEMENTS * torch.get_num_threads()
+            rows = max(1, block // per_row)
         self.blocks = [
             (top, min(top + rows, self.height))
             for top in range(0, self.height, rows)
