@@ -72,35 +72,48 @@ def read_checkpoint(path: str) -> Mapping:
     return data
 
 
-def state_dict_of(checkpoint: Mapping, path: str) -> Mapping[str, Tensor]:
-    """Returns the state dict of a checkpoint read by :func:`read_checkpoint`.
+def state_dict_of(
+    checkpoint: Mapping, path: str | None = None
+) -> dict[str, Tensor]:
+    """Returns the weights of a checkpoint, in any format met here.
+
+    The one reader of the converters, the pretrained loader and the tools:
+
+    * ``{'state_dict': ..., 'meta': ...}``: MMEngine's Runner (mmdet,
+      mmseg, mmpretrain), our converters, the official ACmix-ResNet
+      ``main.py``;
+    * ``{'model': ..., 'config': ...}``: the official Swin releases;
+    * a bare state dict: torchvision.
+
+    A ``module.`` key prefix (DataParallel, DistributedDataParallel) is
+    removed, as MMEngine's ``load_checkpoint`` does.
 
     Args:
-        checkpoint (Mapping): A state dict, or a dict holding one under
-            ``'state_dict'`` (Runner and converted checkpoints).
-        path (str): The file it came from, for the message.
+        checkpoint (Mapping): What :func:`read_checkpoint` returned.
+        path (str, optional): The file it came from, for the message.
 
     Raises:
-        ValueError: If there is no state dict (e.g. an official release,
-            which keeps its weights under ``'model'``).
+        ValueError: If it holds no state dict (tensors by name).
     """
-    state = checkpoint.get('state_dict', checkpoint)
+    state = checkpoint
+    for name in ('state_dict', 'model'):
+        if isinstance(checkpoint.get(name), Mapping):
+            state = checkpoint[name]
+            break
     if (
-        isinstance(state, Mapping)
+        state
         and all(isinstance(key, str) for key in state)
-        and any(isinstance(value, Tensor) for value in state.values())
+        and all(isinstance(value, Tensor) for value in state.values())
     ):
-        return state
+        return {
+            key.removeprefix('module.'): value for key, value in state.items()
+        }
     keys = describe_keys(sorted(map(str, checkpoint)))
-    hint = ''
-    if 'model' in checkpoint:
-        hint = (
-            ' (an official release? convert it first, see '
-            'tools/model_converters/)'
-        )
+    source = repr(path) if path else 'the checkpoint'
     raise ValueError(
-        f'{path!r} holds no state dict: found a dict with keys {keys}{hint}; '
-        "expected tensors by name, or such a dict under 'state_dict'"
+        f'{source} holds no state dict: found a dict with keys {keys}; '
+        'expected tensors by name, or such a dict under '
+        "'state_dict' (OpenMMLab) or 'model' (official Swin releases)"
     )
 
 

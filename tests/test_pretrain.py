@@ -18,6 +18,7 @@ from test_acmix_swin import (  # the official-format reference model
     released_checkpoint,
 )
 
+from mmacmix.checkpoint import read_checkpoint, state_dict_of
 from mmacmix.models import convert_acmix_swin
 from mmacmix.registry import MODELS
 
@@ -248,3 +249,33 @@ def test_acmix_swin_decays_what_the_official_training_decays():
             or 'relative_position_bias_table' in name
         )
         assert decay[id(param)] == (0.0 if skip else 0.05), name
+
+
+def test_one_reader_takes_every_checkpoint_format(tmp_path):
+    weights = {
+        'conv1.weight': torch.randn(4, 3, 1, 1),
+        'fc.bias': torch.ones(2),
+    }
+    formats = {
+        'Runner, mmpretrain': {
+            'meta': {'epoch': 1},
+            'state_dict': weights,
+            'message_hub': {'log_scalars': {}},
+            'optimizer': {'state': {}},
+        },
+        'official ResNet main.py': {
+            'epoch': 90,
+            'state_dict': {f'module.{k}': v for k, v in weights.items()},
+            'best_acc1': torch.tensor(80.0),
+        },
+        'official Swin release': {'model': weights, 'epoch': 299},
+        'torchvision': weights,
+    }
+    for name, checkpoint in formats.items():
+        path = str(tmp_path / 'checkpoint.pth')
+        torch.save(checkpoint, path)
+        found = state_dict_of(read_checkpoint(path), path)
+        assert found.keys() == weights.keys(), name
+        assert all(torch.equal(found[k], weights[k]) for k in weights), name
+    with pytest.raises(ValueError, match="'x.pth' holds no state dict"):
+        state_dict_of({'epoch': 3, 'optimizer': {}}, 'x.pth')

@@ -1,12 +1,12 @@
 """Checkpoint converters: pure functions from a source checkpoint to the
 state dict of one of our backbones.
 
-Every converter reads the source with :func:`source_state_dict`, renames
-keys, and checks the result against the target model with
+Every converter reads the source with
+:func:`mmacmix.checkpoint.state_dict_of` (the one reader of every format),
+renames keys, and checks the result against the target model with
 :func:`check_converted`, so a missing, unknown or misshapen key is an error
 that names it, never a silent skip. The command lines in
-``tools/model_converters/`` wrap them (see
-:func:`mmacmix.checkpoint.convert_cli`).
+``tools/model_converters/`` wrap them (see :func:`mmacmix.cli.convert_cli`).
 """
 
 import math
@@ -16,6 +16,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from mmacmix.checkpoint import state_dict_of
+
 from .acmix_pvt import ACmixPVT
 from .acmix_resnet import ACmixResNet
 from .acmix_swin import ACMIX_KEYS, ACmixSwinTransformer
@@ -23,35 +25,6 @@ from .resnet import Bottleneck
 from .utils import describe_keys
 from .xvolution import XVolution
 from .xvolution_resnet import XVolutionResNet
-
-
-def source_state_dict(checkpoint: Mapping) -> dict[str, Tensor]:
-    """Returns the weights of a checkpoint, without ``module.`` prefix.
-
-    Args:
-        checkpoint (Mapping): ``{'model': state_dict, ...}`` (official Swin
-            releases), ``{'state_dict': state_dict, ...}`` (official
-            ``main.py``, OpenMMLab) or a bare state dict.
-
-    Raises:
-        ValueError: If it holds none of these.
-    """
-    for name in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(name), Mapping):
-            checkpoint = checkpoint[name]
-            break
-    if not checkpoint or not all(
-        isinstance(value, Tensor) for value in checkpoint.values()
-    ):
-        raise ValueError(
-            'the checkpoint holds no state dict (expected '
-            "{'model': state_dict, ...}, {'state_dict': state_dict, ...} "
-            'or a bare state dict)'
-        )
-    # DataParallel / DistributedDataParallel wrap the model in ``module``.
-    return {
-        key.removeprefix('module.'): value for key, value in checkpoint.items()
-    }
 
 
 def check_converted(
@@ -113,7 +86,7 @@ def convert_acmix_resnet(
     """
     converted = {
         key: value
-        for key, value in source_state_dict(checkpoint).items()
+        for key, value in state_dict_of(checkpoint).items()
         if not key.startswith('fc.')  # the ImageNet classifier
     }
     if model is None:
@@ -176,7 +149,7 @@ def convert_acmix_swin(
     """
     converted = {
         key: value
-        for key, value in source_state_dict(checkpoint).items()
+        for key, value in state_dict_of(checkpoint).items()
         # Buffers derived from the sizes.
         if not key.endswith(('.relative_position_index', '.attn_mask'))
     }
@@ -312,7 +285,7 @@ def convert_resnet_to_xvolution(
             depth is not ``depth``, a shape differs, or ``model`` is
             deployed.
     """
-    state_dict = source_state_dict(checkpoint)
+    state_dict = state_dict_of(checkpoint)
     if any(key.startswith('backbone.') for key in state_dict):
         # OpenMMLab: the classifier or detector around the backbone goes.
         state_dict = {
@@ -457,7 +430,7 @@ def convert_pvt_to_acmix(
         ValueError: If the checkpoint already holds ACmix weights, or a
             shape differs.
     """
-    state_dict = source_state_dict(checkpoint)
+    state_dict = state_dict_of(checkpoint)
     if any(key.startswith('backbone.') for key in state_dict):
         state_dict = {
             key.removeprefix('backbone.'): value
