@@ -279,3 +279,57 @@ def test_one_reader_takes_every_checkpoint_format(tmp_path):
         assert all(torch.equal(found[k], weights[k]) for k in weights), name
     with pytest.raises(ValueError, match="'x.pth' holds no state dict"):
         state_dict_of({'epoch': 3, 'optimizer': {}}, 'x.pth')
+
+
+def test_swin_classifier_checkpoint_loads_into_every_swin_t_det_seg_config(
+    tmp_path,
+):
+    # An ImageNet classifier's backbone has the last output norm only; the
+    # detectors' (out_indices 0-3) get identity norms for the others.
+    from mmpretrain.registry import MODELS as PRETRAIN_MODELS
+
+    torch.manual_seed(0)
+    cfg = Config.fromfile(
+        str(CONFIG_ROOT / 'acmix_swin/acmix-swin-t-p4-w7_8xb128_in1k.py')
+    )
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        classifier = PRETRAIN_MODELS.build(cfg.model)
+    classifier.init_weights()
+    trained = classifier.backbone.eval()
+    with torch.no_grad():
+        trained.norm3.weight.uniform_(0.5, 1.5)
+        trained.norm3.bias.uniform_(-0.5, 0.5)
+    checkpoint = str(tmp_path / 'epoch_300.pth')
+    torch.save({'meta': {}, 'state_dict': classifier.state_dict()}, checkpoint)
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = trained(images)[0]
+
+    backbones = [
+        Config.fromfile(str(path)).model.backbone
+        for path in sorted((CONFIG_ROOT / 'acmix_swin').glob('*.py'))
+        if '_in1k' not in path.name
+    ]
+    backbones = [cfg for cfg in backbones if cfg.arch == 'tiny']
+    assert len(backbones) == 4  # Mask R-CNN 1x and 3x, RetinaNet, UperNet
+    # What decides the keys a checkpoint must have: each such layout once.
+    layouts = {
+        (cfg.type, cfg.window_size, tuple(cfg.out_indices))
+        + (cfg.init_cfg.type, cfg.init_cfg.prefix): cfg
+        for cfg in backbones
+    }
+    assert {layout[2] for layout in layouts} == {(0, 1, 2, 3), (1, 2, 3)}
+    for backbone_cfg in layouts.values():
+        backbone_cfg.init_cfg.checkpoint = checkpoint
+        backbone = MODELS.build(backbone_cfg)
+        backbone.init_weights()
+        state = backbone.state_dict()
+        for key, value in trained.state_dict().items():
+            assert torch.equal(state[key], value), key
+        for stage in backbone.out_indices[:-1]:
+            ones = torch.ones(96 << stage)
+            assert torch.equal(state[f'norm{stage}.weight'], ones)
+            assert not state[f'norm{stage}.bias'].any()
+        with torch.no_grad():
+            features = backbone.eval()(images)
+        torch.testing.assert_close(features[-1], expected)

@@ -510,7 +510,8 @@ class ACmixSwinTransformer(BaseModule):
     for the stages in ``out_indices``; when a state dict with norms of other
     stages is loaded (e.g. a converted checkpoint, which holds all four),
     those are dropped by a load-state-dict pre-hook, since they would be
-    unused.
+    unused. A state dict with the last stage's norm alone (an ImageNet
+    classifier's backbone) gets identity norms for the other stages.
 
     Args:
         arch (str | dict): ``'tiny'`` / ``'t'``, ``'small'`` / ``'s'``, or a
@@ -643,7 +644,7 @@ class ACmixSwinTransformer(BaseModule):
                 f'norm{stage}', nn.LayerNorm(self.out_channels[stage])
             )
         self.apply(self._official_init)
-        self.register_load_state_dict_pre_hook(self._drop_unused_norms)
+        self.register_load_state_dict_pre_hook(self._fit_output_norms)
         self._freeze_stages()
 
     @staticmethod
@@ -658,18 +659,29 @@ class ACmixSwinTransformer(BaseModule):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def _drop_unused_norms(
+    def _fit_output_norms(
         self, module: nn.Module, state_dict: dict, prefix: str, *args
     ) -> None:
         # Converted checkpoints hold an output norm per stage; those of
         # stages not in out_indices have no module here and are unused.
-        unused = tuple(
-            f'{prefix}norm{stage}.'
-            for stage in range(len(self.layers))
-            if stage not in self.out_indices
-        )
-        for key in [k for k in state_dict if k.startswith(unused)]:
-            del state_dict[key]
+        # A classifier's backbone (out_indices=(3,), as mmpretrain trains
+        # it) holds the last one only: the others start as identities, as
+        # in the converted releases.
+        last = len(self.layers) - 1
+        held = [
+            stage
+            for stage in range(last + 1)
+            if f'{prefix}norm{stage}.weight' in state_dict
+        ]
+        for stage in range(last + 1):
+            name = f'{prefix}norm{stage}.'
+            if stage not in self.out_indices:
+                for key in [k for k in state_dict if k.startswith(name)]:
+                    del state_dict[key]
+            elif held == [last] and stage != last:
+                norm = getattr(self, f'norm{stage}')
+                state_dict[f'{name}weight'] = torch.ones_like(norm.weight)
+                state_dict[f'{name}bias'] = torch.zeros_like(norm.bias)
 
     def init_weights(self) -> None:
         """Initialises from ``init_cfg``; a ``Pretrained`` entry is loaded
