@@ -2,7 +2,10 @@
 # segmentation protocol as mmseg ships it for the PVT-S-sized Twins-PCPVT-S
 # (AdamW lr 1e-4, weight decay 1e-4, FPN over the four stages), backbone
 # swapped.
-_base_ = 'mmseg::twins/twins_pcpvt-s_fpn_fpnhead_8xb4-80k_ade20k-512x512.py'
+_base_ = [
+    'mmseg::twins/twins_pcpvt-s_fpn_fpnhead_8xb4-80k_ade20k-512x512.py',
+    '../_base_/acmix_no_decay.py',
+]
 custom_imports = dict(imports=['mmacmix'], allow_failed_imports=False)
 
 # python tools/model_converters/pvt2acmix.py pvt_small.pth <this path>
@@ -19,12 +22,5 @@ model = dict(
     )
 )
 
-optim_wrapper = dict(
-    # The ACmix mixing rates take no weight decay.
-    paramwise_cfg=dict(
-        custom_keys={
-            'attn.rate1': dict(decay_mult=0.0),
-            'attn.rate2': dict(decay_mult=0.0),
-        }
-    )
-)
+# The ACmix mixing rates join the recipe's no-decay keys.
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys=_base_.acmix_no_decay))

@@ -1,6 +1,9 @@
 # RetinaNet, ACmix-PVT-T backbone, 1x: mmdet's PVT-T recipe (AdamW lr 1e-4,
 # weight decay 1e-4, FPN over all four stages), backbone swapped.
-_base_ = 'mmdet::pvt/retinanet_pvt-t_fpn_1x_coco.py'
+_base_ = [
+    'mmdet::pvt/retinanet_pvt-t_fpn_1x_coco.py',
+    '../_base_/acmix_no_decay.py',
+]
 custom_imports = dict(imports=['mmacmix'], allow_failed_imports=False)
 
 # The plain PVT-T ImageNet release that mmdet's recipe loads, converted:
@@ -18,12 +21,5 @@ model = dict(
     )
 )
 
-# The ACmix mixing rates take no weight decay.
-optim_wrapper = dict(
-    paramwise_cfg=dict(
-        custom_keys={
-            'attn.rate1': dict(decay_mult=0.0),
-            'attn.rate2': dict(decay_mult=0.0),
-        }
-    )
-)
+# The ACmix mixing rates join the recipe's no-decay keys.
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys=_base_.acmix_no_decay))
