@@ -2,8 +2,7 @@
 its Runner checkpoints as pretrained weights of our detection configs."""
 
 import math
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 
 import pytest
@@ -50,12 +49,8 @@ def test_swin_release_with_its_classifier_computes_the_official_logits(
     reference = randomise(RefSwinACmix(**SMALL)).eval().double()
     src, dst = tmp_path / 'release.pth', tmp_path / 'classifier.pth'
     torch.save(released_checkpoint(reference), src)
-    subprocess.run(
-        [sys.executable, SWIN_CONVERTER, src, dst, '--keep-classifier'],
-        check=True,
-        cwd=REPO,
-        capture_output=True,
-    )
+    convert = runpy.run_path(str(SWIN_CONVERTER))['main']
+    convert([str(src), str(dst), '--keep-classifier'])
 
     keys = torch.load(dst, weights_only=True)['state_dict'].keys()
     assert {key.split('.')[0] for key in keys} == {'backbone', 'head'}
