@@ -236,6 +236,33 @@ def test_converted_release_computes_mmdet_pvt_of_the_same_release(
         assert theirs.abs().max() > 0.1
 
 
+def test_final_norm_takes_the_release_norm_and_is_dropped_without_it(
+    converted_release,
+):
+    source, _ = converted_release
+    model = ACmixPVT(arch=RELEASED, final_norm=True, out_indices=(3,))
+    model.load_state_dict(convert_pvt_to_acmix(source, model), strict=True)
+    reference = mmdet_pvt(RELEASED).eval()
+    reference.load_state_dict(pvt_convert(source), strict=True)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        (actual,) = model.eval()(x)
+        plain = reference(x)[3].permute(0, 2, 3, 1)
+    expected = F.layer_norm(
+        plain, (512,), source['norm.weight'], source['norm.bias'], eps=1e-6
+    ).permute(0, 3, 1, 2)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    # An ImageNet classifier's backbone loads into a detection backbone,
+    # alone or inside a detector.
+    ACmixPVT(arch=RELEASED).load_state_dict(model.state_dict(), strict=True)
+    detector = nn.Module()
+    detector.backbone = ACmixPVT(arch=RELEASED)
+    detector.load_state_dict(
+        {f'backbone.{k}': v for k, v in model.state_dict().items()},
+        strict=True,
+    )
+
+
 def test_conversion_fills_every_plain_key_and_reports_acmix_keys(
     converted_release, capsys
 ):

@@ -366,11 +366,12 @@ class ACmixPVTBlock(BaseModule):
 
 
 class ACmixPVTStage(ModuleList):
-    """Patch embedding, position embedding and blocks of one stage.
+    """Patch embedding, position embedding, blocks and an optional norm.
 
-    Held as ``[patch_embed, [position, *blocks]]``: the nesting of mmdet's
-    PVT, which gives the parameters their names (``layers.I.0.projection``,
-    ``layers.I.1.0.pos_embed``, ``layers.I.1.J.attn``...).
+    Held as ``[patch_embed, [position, *blocks], norm]``: the nesting of
+    mmdet's PVT, which gives the parameters their names
+    (``layers.I.0.projection``, ``layers.I.1.0.pos_embed``,
+    ``layers.I.1.J.attn``..., ``layers.I.2`` for mmdet's stage norms).
     """
 
     def __init__(
@@ -378,17 +379,23 @@ class ACmixPVTStage(ModuleList):
         patch_embed: PatchEmbed,
         position: PositionEmbedding,
         blocks: Sequence[ACmixPVTBlock],
+        norm: nn.LayerNorm | None = None,
     ) -> None:
-        super().__init__([patch_embed, ModuleList([position, *blocks])])
+        norms = [] if norm is None else [norm]
+        super().__init__(
+            [patch_embed, ModuleList([position, *blocks]), *norms]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Maps a ``(B, C_in, H, W)`` map to the stage's ``(B, C, H', W')``
         output, ``H' = ceil(H / patch_size)``."""
-        patch_embed, (position, *blocks) = self
+        patch_embed, (position, *blocks), *norms = self
         x, hw_shape = patch_embed(x)
         x = position(x, hw_shape)
         for block in blocks:
             x = block(x, hw_shape)
+        for norm in norms:
+            x = norm(x)
         return tokens_to_map(x, hw_shape).contiguous()
 
 
@@ -436,6 +443,12 @@ class ACmixPVT(BaseModule):
             Defaults to False.
         with_cp (bool): Gradient checkpointing of every block. Defaults to
             False.
+        final_norm (bool): A LayerNorm on the last stage's output, as the
+            PVT v1 classifier has (the release's ``norm``), for ImageNet
+            training; stored as ``layers.3.2``, where mmdet keeps its stage
+            norms. A state dict that has it loads into a backbone without
+            it, which drops it, as mmdet's PVT does with the release's
+            final norm. Defaults to False (mmdet's PVT has none).
         init_cfg (dict | list[dict], optional): Initialisation config; a
             ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')``
             entry is loaded with strict key matching. Without it the
@@ -487,6 +500,7 @@ class ACmixPVT(BaseModule):
         frozen_stages: int = -1,
         norm_eval: bool = False,
         with_cp: bool = False,
+        final_norm: bool = False,
         init_cfg: dict | list[dict] | None = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -518,6 +532,7 @@ class ACmixPVT(BaseModule):
         self.sr_ratios = per_stage['sr_ratios']
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self.final_norm = final_norm
         self.out_channels = list(self.embed_dims)
 
         rates = torch.linspace(
@@ -525,6 +540,9 @@ class ACmixPVT(BaseModule):
         ).tolist()
         self.layers = ModuleList()
         stride, channels = 1, in_channels
+        last_norm = None
+        if final_norm:
+            last_norm = nn.LayerNorm(self.embed_dims[-1], eps=LN_EPS)
         for stage, depth in enumerate(self.depths):
             dims = self.embed_dims[stage]
             stride *= self.patch_sizes[stage]
@@ -550,10 +568,12 @@ class ACmixPVT(BaseModule):
                         pretrain_img_size // stride, dims, drop_rate
                     ),
                     blocks,
+                    norm=last_norm if stage == num_stages - 1 else None,
                 )
             )
             channels = dims
         self.apply(self._pvt_init)
+        self.register_load_state_dict_pre_hook(self._drop_final_norm)
         self._freeze_stages()
 
     @staticmethod
@@ -577,6 +597,16 @@ class ACmixPVT(BaseModule):
             nn.init.trunc_normal_(module.pos_embed, std=0.02)
         elif isinstance(module, ACmixBase):
             module.reset_mixing()
+
+    def _drop_final_norm(
+        self, module: nn.Module, state_dict: dict, prefix: str, *args
+    ) -> None:
+        # An ImageNet classifier's backbone (final_norm=True) loads into a
+        # detection backbone, which does not normalise its last stage.
+        if not self.final_norm:
+            last = f'{prefix}layers.{len(self.layers) - 1}.2.'
+            for key in [k for k in state_dict if k.startswith(last)]:
+                del state_dict[key]
 
     def init_weights(self) -> None:
         """Initialises from ``init_cfg``; a ``Pretrained`` entry is loaded

@@ -400,8 +400,9 @@ def convert_pvt_to_acmix(
 ) -> dict[str, Tensor]:
     """Maps plain PVT v1 weights onto an :class:`ACmixPVT`.
 
-    Every plain parameter comes from the checkpoint (its classifier, final
-    norm and class token are dropped). The ACmix parameters of every
+    Every plain parameter comes from the checkpoint (its classifier and
+    class token are dropped, its final norm too unless the model has
+    ``final_norm``). The ACmix parameters of every
     attention (``attn.fc``, ``attn.dep_conv``, ``attn.rate1``,
     ``attn.rate2``; :func:`new_acmix_pvt_keys` lists them) are new: ``fc``
     and the one-hot shift kernels as initialised (seeded, so the result is
@@ -450,7 +451,12 @@ def convert_pvt_to_acmix(
             torch.manual_seed(0)
             model = ACmixPVT(**_pvt_settings(state_dict))
     expected = model.state_dict()
-    converted = dict(state_dict)
+    final_norm = f'layers.{len(model.layers) - 1}.2.'
+    converted = {
+        key: value
+        for key, value in state_dict.items()
+        if key in expected or not key.startswith(final_norm)
+    }
     for key in new_acmix_pvt_keys(expected):
         if key.endswith('rate1'):
             converted[key] = torch.ones_like(expected[key])
@@ -477,14 +483,22 @@ def _pvt_release_to_mmdet(
     ``.1.{j + 1}``); the separate ``q`` and ``kv`` projections are packed
     into ``attn.attn.in_proj_*``, ``proj`` is ``attn.attn.out_proj`` and the
     MLP's linear layers become 1x1 convolutions. The last stage's position
-    embedding loses the class token's entry. Unknown keys are kept as they
-    are, for the key check to name.
+    embedding loses the class token's entry, and the final ``norm`` becomes
+    ``layers.{s - 1}.2`` of the last stage ``s``. Unknown keys are kept as
+    they are, for the key check to name.
     """
+    roots = {key.partition('.')[0] for key in state_dict}
+    num_stages = sum(
+        re.fullmatch(r'patch_embed\d+', root) is not None for root in roots
+    )
     renamed = {}
     for key, value in state_dict.items():
         root, _, rest = key.partition('.')
-        if root in ('head', 'norm', 'cls_token'):
-            continue  # the classifier, the final norm, the class token
+        if root in ('head', 'cls_token'):
+            continue  # the classifier and the class token
+        if root == 'norm':
+            renamed[f'layers.{num_stages - 1}.2.{rest}'] = value
+            continue
         staged = re.fullmatch(r'(patch_embed|pos_embed|block)(\d+)', root)
         if staged is None:
             renamed[key] = value
