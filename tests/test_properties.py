@@ -181,12 +181,16 @@ OP_SIDES = st.integers(min_value=1, max_value=40)
     height=OP_SIDES,
     width=OP_SIDES,
     stride=st.sampled_from([1, 2]),
-    kind=st.sampled_from(['acmix', 'xvolution', 'xvolution_deployed']),
+    kind=st.sampled_from(
+        ['acmix', 'xvolution', 'xvolution_deployed', 'xvolution_sa']
+    ),
 )
 def test_ops_shape_like_a_padded_3x3_conv(batch, height, width, stride, kind):
     torch.manual_seed(0)
     if kind == 'acmix':
         op = ACmix(8, 8, stride=stride, num_heads=2)
+    elif kind == 'xvolution_sa':
+        op = XVolution(8, 8, stride=stride, attention='global', num_heads=2)
     else:
         op = XVolution(
             8, 8, stride=stride, deploy=kind == 'xvolution_deployed'

@@ -86,20 +86,21 @@ def reference(op: XVolution, x: torch.Tensor) -> torch.Tensor:
                 attn[:, :, i, j] += (centre * other) @ pssa[:, :, tap].T
     if op.conv.bias is not None:
         conv = conv + op.conv.bias.reshape(1, -1, 1, 1)
+    return eval_norm(op.conv_bn, conv) + eval_norm(op.pssa_bn, attn)
 
-    def norm(bn, t):
-        return F.batch_norm(
-            t,
-            bn.running_mean,
-            bn.running_var,
-            bn.weight,
-            bn.bias,
-            False,
-            0.0,
-            bn.eps,
-        )
 
-    return norm(op.conv_bn, conv) + norm(op.pssa_bn, attn)
+def eval_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A batch norm in eval mode, written out with its running statistics."""
+    return F.batch_norm(
+        x,
+        norm.running_mean,
+        norm.running_var,
+        norm.weight,
+        norm.bias,
+        False,
+        0.0,
+        norm.eps,
+    )
 
 
 def calibrate(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -316,19 +317,7 @@ def global_attention_reference(op: XVolution, x: torch.Tensor) -> torch.Tensor:
         op.dilation,
     )
 
-    def norm(bn, t):
-        return F.batch_norm(
-            t,
-            bn.running_mean,
-            bn.running_var,
-            bn.weight,
-            bn.bias,
-            False,
-            0.0,
-            bn.eps,
-        )
-
-    return norm(op.conv_bn, conv) + norm(op.attn_bn, projected)
+    return eval_norm(op.conv_bn, conv) + eval_norm(op.attn_bn, projected)
 
 
 @pytest.mark.parametrize(
