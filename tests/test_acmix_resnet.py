@@ -22,6 +22,10 @@ CONVERTER = REPO / 'tools/model_converters/acmix_resnet2mmacmix.py'
     ],
 )
 def test_parameter_count_equals_the_official_model_without_fc(depth, expected):
+    # The official ResNet/ResNet_ImageNet.py models have 10.49M, 14.41M and
+    # 18.33M parameters with their 1000-class fc (2048 * 1000 + 1000 =
+    # 2_049_000), which the backbone lacks: these counts plus the fc give
+    # 10_487_816, 14_410_896 and 18_333_976.
     model = ACmixResNet(depth=depth)
     assert sum(p.numel() for p in model.parameters()) == expected
 
