@@ -3,8 +3,9 @@
 Counts come from MMEngine's FlopAnalyzer (jit tracing). Convention: one
 fused multiply-add is one FLOP (MMEngine, fvcore and the ACmix paper's
 tables alike). The ACmix local attention is one registered operator,
-opaque to tracing; it is counted by :func:`local_attention_handle` as 2 * B * C * Ho * Wo * k^2 (logits q.k
-and the weighted sum of v over the k x k window); PyTorch's fused
+opaque to tracing; it is counted by :func:`local_attention_handle` as
+2 * B * C * Ho * Wo * k^2 (logits q.k and the weighted sum of v over the
+k x k window); PyTorch's fused
 scaled_dot_product_attention (ACmix-Swin's window attention, X-volution's
 global attention) as q @ k^T plus weights @ v. Softmax, like every
 elementwise op, is not counted.
