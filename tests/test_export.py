@@ -152,14 +152,9 @@ def test_exported_local_attention_equals_the_kernel(stride, size):
     assert (graph(q, k, v, 7, stride) - expected).abs().max() < 1e-12
 
 
-def test_acmix_op_exports_for_any_size(tmp_path):
-    # From 1x1 (one-step position grid, everything folded) upwards.
-    torch.manual_seed(0)
-    op = ACmix(8, 8, stride=2, num_heads=2).eval()
-    with torch.no_grad():
-        for param in op.parameters():
-            param.normal_(0, 0.5)
-    path = tmp_path / 'acmix.onnx'
+def export_op(op: nn.Module, path: Path) -> set[str]:
+    """Exports an op traced at 12x10 with dynamic batch, height and width;
+    returns its operator types (all standard ONNX)."""
     torch.onnx.export(
         op,
         (torch.randn(1, 8, 12, 10),),
@@ -168,17 +163,48 @@ def test_acmix_op_exports_for_any_size(tmp_path):
         input_names=['x'],
         dynamic_axes={'x': {0: 'n', 2: 'h', 3: 'w'}},
     )
-    assert 'Gather' in standard_ops_only(path)
+    return standard_ops_only(path)
+
+
+def check_op_sizes(path: Path, op: nn.Module, sizes) -> None:
+    """Runs an exported op with onnxruntime at ``sizes`` (batch 2) and
+    compares with PyTorch: shapes equal, values within ATOL."""
     session = onnxruntime.InferenceSession(
         str(path), providers=['CPUExecutionProvider']
     )
-    for size in [(1, 1), (2, 3), (7, 13), (31, 20)]:
+    for size in sizes:
         x = torch.randn(2, 8, *size)
         with torch.no_grad():
             expected = op(x).numpy()
         got = session.run(None, {'x': x.numpy()})[0]
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() < ATOL, size
+
+
+def test_acmix_op_exports_for_any_size(tmp_path):
+    # From 1x1 (one-step position grid, everything folded) upwards.
+    torch.manual_seed(0)
+    op = ACmix(8, 8, stride=2, num_heads=2).eval()
+    with torch.no_grad():
+        for param in op.parameters():
+            param.normal_(0, 0.5)
+    path = tmp_path / 'acmix.onnx'
+    assert 'Gather' in export_op(op, path)
+    check_op_sizes(path, op, [(1, 1), (2, 3), (7, 13), (31, 20)])
+
+
+def test_xvolution_sa_op_exports_for_any_size(tmp_path):
+    # X-volution (SA) has no deployed form: its training form, in eval mode,
+    # is what is exported, global attention over any number of positions.
+    torch.manual_seed(0)
+    op = XVolution(8, 8, stride=2, attention='global', num_heads=2)
+    with torch.no_grad():
+        for param in op.parameters():
+            param.normal_(0, 0.5)
+    op.eval()
+    path = tmp_path / 'xvolution-sa.onnx'
+    assert 'Softmax' in export_op(op, path)
+    check_op_sizes(path, op, [(1, 1), (5, 3), (17, 22)])
 
 
 def test_acmix_resnet_from_a_config(tmp_path):

@@ -372,33 +372,6 @@ def test_global_attention_cannot_be_deployed():
         XVolutionResNet(depth=18, attention='global', deploy=True)
 
 
-def test_global_attention_exports_to_onnx_for_any_size(tmp_path):
-    onnxruntime = pytest.importorskip('onnxruntime')
-    torch.manual_seed(0)
-    op = XVolution(8, 8, stride=2, attention='global', num_heads=2)
-    randomize_norms(op)
-    op.eval()
-    path = tmp_path / 'xvolution-sa.onnx'
-    torch.onnx.export(
-        op,
-        (torch.randn(1, 8, 12, 10),),
-        str(path),
-        dynamo=False,
-        input_names=['x'],
-        dynamic_axes={'x': {0: 'n', 2: 'h', 3: 'w'}},
-    )
-    session = onnxruntime.InferenceSession(
-        str(path), providers=['CPUExecutionProvider']
-    )
-    for size in [(1, 1), (5, 3), (17, 22)]:
-        x = torch.randn(2, 8, *size)
-        with torch.no_grad():
-            expected = op(x).numpy()
-        got = session.run(None, {'x': x.numpy()})[0]
-        assert got.shape == expected.shape
-        assert abs(got - expected).max() < 1e-4, size
-
-
 @pytest.mark.parametrize(
     'kwargs, message',
     [
