@@ -58,9 +58,9 @@ from mmacmix.registry import MODELS
 
 from .acmix import ACmixBase
 from .utils import (
+    FrozenStagesMixin,
     arch_settings,
     check_image_batch,
-    eval_norms,
     freeze,
     init_weights_strictly,
     stage_arguments,
@@ -400,7 +400,7 @@ class ACmixPVTStage(ModuleList):
 
 
 @MODELS.register_module()
-class ACmixPVT(BaseModule):
+class ACmixPVT(FrozenStagesMixin, BaseModule):
     """ACmix-PVT backbone with the API of mmdet's PVT.
 
     PVT v1 (four stages of patch embedding, absolute position embedding and
@@ -620,15 +620,6 @@ class ACmixPVT(BaseModule):
             modules.append(self.layers[0][0])
         modules += self.layers[: max(self.frozen_stages, 0)]
         freeze(modules)
-
-    def train(self, mode: bool = True) -> 'ACmixPVT':
-        """Sets the mode, keeping frozen stages (and, with ``norm_eval``,
-        the normalisation layers) in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            eval_norms(self)
-        return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Returns the outputs of the stages in ``out_indices``.

@@ -29,9 +29,9 @@ from mmacmix.registry import MODELS
 
 from .acmix import ACmixBase
 from .utils import (
+    FrozenStagesMixin,
     arch_settings,
     check_image_batch,
-    eval_norms,
     freeze,
     init_weights_strictly,
     stage_arguments,
@@ -481,7 +481,7 @@ class ACmixSwinStage(BaseModule):
 
 
 @MODELS.register_module()
-class ACmixSwinTransformer(BaseModule):
+class ACmixSwinTransformer(FrozenStagesMixin, BaseModule):
     """ACmix-Swin backbone (Pan et al., CVPR 2022) with mmdet's Swin API.
 
     Swin Transformer v1 whose every block, plain and shifted, attends with
@@ -698,15 +698,6 @@ class ACmixSwinTransformer(BaseModule):
             if stage in self.out_indices:
                 modules.append(getattr(self, f'norm{stage}'))
         freeze(modules)
-
-    def train(self, mode: bool = True) -> 'ACmixSwinTransformer':
-        """Sets the mode, keeping frozen stages (and, with ``norm_eval``,
-        the normalisation layers) in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            eval_norms(self)
-        return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Returns the normalised outputs of the stages in ``out_indices``.

@@ -267,3 +267,17 @@ def eval_norms(module: nn.Module) -> None:
     for layer in module.modules():
         if isinstance(layer, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)):
             layer.eval()
+
+
+class FrozenStagesMixin:
+    """``train()`` for backbones with mmdet's ``frozen_stages`` and
+    ``norm_eval``: frozen stages (and, with ``norm_eval``, every
+    normalisation layer) stay in eval mode. The backbone (listed before
+    ``BaseModule``) defines ``_freeze_stages()`` and ``norm_eval``."""
+
+    def train(self, mode: bool = True) -> nn.Module:
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            eval_norms(self)
+        return self
