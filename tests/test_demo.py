@@ -54,6 +54,8 @@ def test_tiny_demo_writes_metrics_and_pictures(tmp_path):
         assert -1.0 <= metrics[key] <= 1.0
     assert metrics['iterations'] == 2
     assert metrics['wall_seconds'] > 0
+    assert metrics['threads'] == 1  # OMP_NUM_THREADS above
+    assert isinstance(metrics['cpu'], str) and metrics['cpu']
 
     curve = cv2.imread(str(out_dir / 'loss_curve.png'))
     assert curve is not None and curve.shape[0] > 100

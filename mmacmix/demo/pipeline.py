@@ -6,7 +6,8 @@
 Runner on the CPU, evaluates it with mmdet's ``CocoMetric`` on the
 validation split, and writes into ``out_dir``:
 
-* ``metrics.json``: the COCO metrics, iterations, wall time;
+* ``metrics.json``: the COCO metrics, iterations, wall time, threads and
+  CPU;
 * ``loss_curve.png``: training loss (and its parts) per iteration;
 * ``predictions/*.png``: validation images, ground truth left, predicted
   boxes and masks right;
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import os.path as osp
+import platform
 import sys
 import time
 import warnings
@@ -162,6 +164,9 @@ def run_demo(
         data_seconds=round(data_seconds, 1),
         train_and_eval_seconds=round(train_seconds, 1),
         wall_seconds=round(time.perf_counter() - start, 1),
+        # Results repeat bit for bit only with the same threads and CPU.
+        threads=torch.get_num_threads(),
+        cpu=cpu_name(),
     )
     with open(files['metrics'], 'w') as file:
         json.dump(metrics, file, indent=2)
@@ -343,6 +348,18 @@ def _chatter_to_log(logger: logging.Logger) -> Iterator[None]:
     with warnings.catch_warnings(), contextlib.redirect_stdout(LogLines()):
         warnings.showwarning = log_warning
         yield
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux)."""
+    try:
+        with open('/proc/cpuinfo') as file:
+            for line in file:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _number(value):
