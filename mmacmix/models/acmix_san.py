@@ -36,9 +36,9 @@ classifier). The choices made here:
   the shift convolution ``dep_conv`` (one group per piece channel, the
   one-hot initial kernels of ACmix) returns the ``C / 4`` channels of v.
   Widening q and k to ``C / 4`` so that the official layout applies would
-  add ``3 C^2 / 8`` parameters a block, over 4M for ACmix-SAN-10, far more
-  than the published numbers leave room for; the design here adds
-  ``81 C / 4 + 56`` a block.
+  add ``3 C^2 / 8`` parameters a block, 3.4M for ACmix-SAN-10, where the
+  published numbers leave room for about 0.3M; the design here adds
+  ``81 C / 4 + 56`` a block (0.15M for ACmix-SAN-10).
 * **Mixing** happens where SAN's attention output is, before ``bn2``:
   ``rate1 * attention + rate2 * convolution``, both rates starting at 0.5.
 * **Any input size.** The max pools round up (``ceil_mode``), so odd sides
