@@ -156,13 +156,14 @@ class _PatchAggregation(Function):
         grad_padded = torch.zeros_like(padded)
         grad_weights = torch.empty_like(weights)
         product = torch.empty_like(grad_out)
-        for t, window in _windows(padded, kernel_size, height, width):
+        windows = zip(
+            _windows(padded, kernel_size, height, width),
+            _windows(grad_padded, kernel_size, height, width),
+        )
+        for (t, window), (_, grad_window) in windows:
             torch.mul(grad_out, window, out=product)
             grad_weights[:, :, t] = product.sum(dim=1)
-            ty, tx = divmod(t, kernel_size)
-            grad_padded[..., ty : ty + height, tx : tx + width].addcmul_(
-                grad_out, weights[:, None, :, t]
-            )
+            grad_window.addcmul_(grad_out, weights[:, None, :, t])
         # Every padded position adds onto the position it was copied from.
         grad_padded = grad_padded.flatten(1, 2)
         by_rows = grad_padded.new_zeros(b, channels, height, cols.numel())
