@@ -18,6 +18,12 @@ A second table isolates the attention: ``attention`` and
 ``attention-reference`` run only the window attention (4 heads of the
 input as q, k and v) with the fast function and the unfold computation.
 
+``--tables pvt-conv-path`` times the two forms of ACmix-PVT's convolution
+path, factorised (``sra-factorised``: fc and the grouped shift
+convolution) against fused into one dense convolution (``sra-fused``), in
+whole ACmix-PVT attentions at the four stage sizes of PVT-T at 512 x 512
+(1, 2, 5 and 8 heads, spatial reduction 8, 4, 2 and 1).
+
 ``--tables builds --other-build PATH`` times the attention of this build
 of the compiled CPU kernel against another build of it (an ``_ext*.so``
 from another commit), in turns in one process.
@@ -94,12 +100,16 @@ from mmacmix.models import (
     XVolution,
 )
 from mmacmix.models import acmix as acmix_module
+from mmacmix.models.acmix_pvt import ACmixSRAttention
 from mmacmix.models.resnet import Bottleneck, PluggableResNet
 from mmacmix.ops import local_attention, native_available, triton_available
 
 # Stage sizes (channels, height, width) of an 800 x 1216 input: strides 4,
 # 8, 16, 32; the batch comes from --batch.
 STAGES = [(64, 200, 304), (128, 100, 152), (256, 50, 76), (512, 25, 38)]
+# PVT-T's stages at 512 x 512, and their heads and spatial reductions.
+PVT_STAGES = [(64, 128, 128), (128, 64, 64), (320, 32, 32), (512, 16, 16)]
+PVT_ATTENTIONS = {64: (1, 8), 128: (2, 4), 320: (5, 2), 512: (8, 1)}
 # Whole backbones: a CPU-sized input, and the detection input on CUDA.
 BACKBONE_SHAPES = {'cpu': (1, 3, 512, 512), 'cuda': (2, 3, 800, 1216)}
 OP_CASES = ('conv', 'acmix', 'reference')
@@ -128,7 +138,9 @@ TABLES = {
     'xvolution': XVOLUTION_CASES,
     # Needs --other-build: this build of the CPU kernel against another.
     'builds': ('attention-other-build', 'attention'),
+    'pvt-conv-path': ('sra-factorised', 'sra-fused'),
 }
+TABLE_STAGES = {'pvt-conv-path': PVT_STAGES}
 
 
 def unfold_attention(
@@ -225,6 +237,22 @@ class AttentionOnly(nn.Module):
         return out.reshape(b, c, h, w)
 
 
+class SRAttentionOnMaps(nn.Module):
+    """An ACmix-PVT attention with PVT-T's heads and reduction for the
+    width, on ``(B, C, H, W)`` maps, its convolution path in one form."""
+
+    def __init__(self, channels: int, fused: bool) -> None:
+        super().__init__()
+        heads, sr_ratio = PVT_ATTENTIONS[channels]
+        self.attention = ACmixSRAttention(channels, heads, sr_ratio)
+        self.attention.fused = fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        out = self.attention(x.flatten(2).transpose(1, 2), (h, w))
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+
 class PlainResNet(PluggableResNet):
     """A plain ResNet-50 on the same code, for scale."""
 
@@ -270,6 +298,8 @@ def build_case(
         module = PyramidVisionTransformer(num_layers=[2, 2, 2, 2])
     elif case == 'acmix-pvt-t':
         module = ACmixPVT(arch='tiny')
+    elif case in ('sra-factorised', 'sra-fused'):
+        module = SRAttentionOnMaps(channels, fused=case == 'sra-fused')
     elif case in ('san10', 'acmix-san10'):
         module = ACmixSAN(arch=10, with_acmix=case == 'acmix-san10')
     else:
@@ -715,7 +745,10 @@ def main(argv: list[str] | None = None) -> None:
         if name == 'xvolution':
             print_xvolution_table([xvolution_row(s, args) for s in shapes])
         else:
-            rows = [run_shape(shape, TABLES[name], args) for shape in shapes]
+            table_shapes = shapes
+            if name in TABLE_STAGES:
+                table_shapes = [(args.batch, *s) for s in TABLE_STAGES[name]]
+            rows = [run_shape(s, TABLES[name], args) for s in table_shapes]
             print_table(rows, TABLES[name])
         print()
     for name in args.backbone or []:
