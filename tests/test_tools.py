@@ -164,7 +164,7 @@ def test_torchrun_two_processes_agree_and_test_evaluates(
 
     checkpoint = work_dir / 'iter_2.pth'
     assert (work_dir / 'last_checkpoint').read_text() == str(checkpoint)
-    metrics_file = tmp_path / 'metrics.json'
+    metrics_file = tmp_path / 'new_folder' / 'metrics.json'  # created
     result = run_tool(
         [
             sys.executable,
