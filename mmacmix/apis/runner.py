@@ -190,16 +190,17 @@ def train(
     cfg = load_config(config, work_dir, cfg_options)
     if amp:
         enable_amp(cfg)
+    checkpoint = None
     if resume == 'auto' or resume is True:
         cfg.resume = True
         cfg.load_from = None
-        resume = find_latest_checkpoint(cfg.work_dir)
+        checkpoint = find_latest_checkpoint(cfg.work_dir)
     elif resume:
         cfg.resume = True
-        cfg.load_from = resume
+        cfg.load_from = checkpoint = resume
     setup_distributed(cfg, launcher)
-    if resume:
-        check_checkpoint(cfg, resume, resume=True, strict=strict)
+    if checkpoint:
+        check_checkpoint(cfg, checkpoint, resume=True, strict=strict)
     runner = build_runner(cfg)
     runner.train()
     return runner
