@@ -71,8 +71,8 @@ LN_EPS = 1e-6
 # Attentions with at most this many heads compute the convolution path as
 # one dense convolution (ACmixBase.fused_conv_path), wider ones factorised
 # (ACmixBase.conv_path); the results are equal. The shift convolution has
-# ``num_heads`` outputs per group: with one or two, the grouped convolution
-# is slower on a CPU than the dense one that does ten times its work.
+# ``num_heads`` outputs per group, and with few of them its grouped form is
+# the slower one (README, Benchmarks: ``--tables pvt-conv-path``).
 FUSED_MAX_HEADS = 2
 
 
