@@ -58,16 +58,48 @@ def _widen(x, FP64: tl.constexpr):
 
 
 @triton.jit
-def _output_tile(pid, HO, WO, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Map index and output rows/columns of one program's tile."""
+def _output_tile(
+    D,
+    HO,
+    WO,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """This program's tile of output pixels, all channels.
+
+    Returns:
+        The output rows ``i`` and columns ``j`` of the pixels, the
+        ``(BLOCK_D, pixels)`` element offsets in an ``(N, D, HO, WO)``
+        tensor and their mask, the pixel offsets in an ``(N, HO, WO)``
+        tensor and their mask, and the indices ``n * D + d`` of the map's
+        channel planes.
+    """
     tiles = tl.cdiv(HO, BLOCK_H) * tl.cdiv(WO, BLOCK_W)
-    n = pid // tiles
+    pid = tl.program_id(0)
+    n = (pid // tiles).to(tl.int64)
     tile = pid % tiles
     tiles_w = tl.cdiv(WO, BLOCK_W)
     p = tl.arange(0, BLOCK_H * BLOCK_W)
     i = (tile // tiles_w) * BLOCK_H + p // BLOCK_W
     j = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
-    return n.to(tl.int64), i, j
+    d = tl.arange(0, BLOCK_D)[:, None]
+    pixels = (i < HO) & (j < WO)
+    mask = (d < D) & pixels[None, :]
+    at = n * D * HO * WO + d * HO * WO + (i * WO + j)[None, :]
+    at_pixel = n * HO * WO + i * WO + j
+    return i, j, at, mask, at_pixel, pixels, n * D + d
+
+
+@triton.jit
+def _window_position(
+    i, j, t, H, W, KERNEL: tl.constexpr, STRIDE: tl.constexpr
+):
+    """Offset in an ``(H, W)`` plane of window offset ``t`` of output
+    pixels ``(i, j)``."""
+    y = _fold(STRIDE * i + t // KERNEL - KERNEL // 2, H)
+    x = _fold(STRIDE * j + t % KERNEL - KERNEL // 2, W)
+    return (y * W + x)[None, :]
 
 
 @triton.jit
@@ -89,20 +121,16 @@ def _forward_kernel(
     BLOCK_W: tl.constexpr,
     FP64: tl.constexpr,
 ):
-    n, i, j = _output_tile(tl.program_id(0), HO, WO, BLOCK_H, BLOCK_W)
-    d = tl.arange(0, BLOCK_D)[:, None]
-    pixels = (i < HO) & (j < WO)
-    mask = (d < D) & pixels[None, :]
-    at = n * D * HO * WO + d * HO * WO + (i * WO + j)[None, :]
+    i, j, at, mask, at_pixel, pixels, planes = _output_tile(
+        D, HO, WO, BLOCK_D, BLOCK_H, BLOCK_W
+    )
     q = _widen(tl.load(q_ptr + at, mask=mask, other=0.0), FP64)
-    plane = n * D * H * W + d * H * W
+    plane = planes * H * W
     peak = tl.sum(q, axis=0) * 0.0 - float('inf')
     total = tl.sum(q, axis=0) * 0.0
     acc = q * 0.0
     for t in range(KERNEL * KERNEL):
-        y = _fold(STRIDE * i + t // KERNEL - KERNEL // 2, H)
-        x = _fold(STRIDE * j + t % KERNEL - KERNEL // 2, W)
-        source = plane + (y * W + x)[None, :]
+        source = plane + _window_position(i, j, t, H, W, KERNEL, STRIDE)
         key = _widen(tl.load(k_ptr + source, mask=mask, other=0.0), FP64)
         logit = tl.sum(q * key, axis=0)
         new_peak = tl.maximum(peak, logit)
@@ -114,7 +142,6 @@ def _forward_kernel(
         peak = new_peak
     out = acc / total[None, :]
     tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
-    at_pixel = n * HO * WO + i * WO + j
     tl.store(lse_ptr + at_pixel, peak + tl.log(total), mask=pixels)
 
 
@@ -139,23 +166,18 @@ def _backward_q_kernel(
     BLOCK_W: tl.constexpr,
     FP64: tl.constexpr,
 ):
-    n, i, j = _output_tile(tl.program_id(0), HO, WO, BLOCK_H, BLOCK_W)
-    d = tl.arange(0, BLOCK_D)[:, None]
-    pixels = (i < HO) & (j < WO)
-    mask = (d < D) & pixels[None, :]
-    at = n * D * HO * WO + d * HO * WO + (i * WO + j)[None, :]
+    i, j, at, mask, at_pixel, pixels, planes = _output_tile(
+        D, HO, WO, BLOCK_D, BLOCK_H, BLOCK_W
+    )
     q = _widen(tl.load(q_ptr + at, mask=mask, other=0.0), FP64)
     grad = _widen(tl.load(grad_out_ptr + at, mask=mask, other=0.0), FP64)
-    at_pixel = n * HO * WO + i * WO + j
     lse = tl.load(lse_ptr + at_pixel, mask=pixels, other=0.0)
-    plane = n * D * H * W + d * H * W
+    plane = planes * H * W
     delta = lse * 0.0
     weighted_keys = q * 0.0  # sum_t p_t dp_t k_t
     mean_key = q * 0.0  # sum_t p_t k_t
     for t in range(KERNEL * KERNEL):
-        y = _fold(STRIDE * i + t // KERNEL - KERNEL // 2, H)
-        x = _fold(STRIDE * j + t % KERNEL - KERNEL // 2, W)
-        source = plane + (y * W + x)[None, :]
+        source = plane + _window_position(i, j, t, H, W, KERNEL, STRIDE)
         key = _widen(tl.load(k_ptr + source, mask=mask, other=0.0), FP64)
         value = _widen(tl.load(v_ptr + source, mask=mask, other=0.0), FP64)
         prob = tl.exp(tl.sum(q * key, axis=0) - lse)
