@@ -205,12 +205,8 @@ def backbone_pair(family: str) -> tuple[nn.Module, nn.Module]:
     if family == 'acmix_resnet':
         model, control = ACmixResNet(depth=26), PlainResNet(depth=26)
     else:
-        model = XVolutionResNet(
-            depth=18, xvolution_stages=(True,) * 4
-        )
-        control = XVolutionResNet(
-            depth=18, xvolution_stages=(False,) * 4
-        )
+        model = XVolutionResNet(depth=18, xvolution_stages=(True,) * 4)
+        control = XVolutionResNet(depth=18, xvolution_stages=(False,) * 4)
     for net in (model, control):
         torch.manual_seed(0)
         net.init_weights()
@@ -340,22 +336,13 @@ def _attention_input_dtypes(
     return seen
 
 
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='no CUDA device'
+)
 HALF_PRECISION_CASES = [
     ('cpu', torch.bfloat16),
-    pytest.param(
-        'cuda',
-        torch.float16,
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available(), reason='no CUDA device'
-        ),
-    ),
-    pytest.param(
-        'cuda',
-        torch.bfloat16,
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available(), reason='no CUDA device'
-        ),
-    ),
+    pytest.param('cuda', torch.float16, marks=needs_cuda),
+    pytest.param('cuda', torch.bfloat16, marks=needs_cuda),
 ]
 
 
