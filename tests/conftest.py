@@ -13,6 +13,12 @@ from mmacmix.datasets import ShapesSpec, generate_shapes_dataset
 # CPU; flushing them changes no result that a test checks.
 torch.set_flush_denormal(True)
 
+# pyproject's addopts run the suite on every core (pytest-xdist, -n auto):
+# each worker takes its share of the cores instead of all of them.
+_workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 # In CI the property tests draw the same examples on every run, so a red
 # build is never a coin toss; locally they keep exploring new ones.
 settings.register_profile('ci', derandomize=True, print_blob=True)
