@@ -58,13 +58,18 @@ from mmengine.model import BaseModule, Sequential
 from torch import Tensor, nn
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmacmix.ops.local_attention import fold_index
 from mmacmix.registry import MODELS
 
 from .acmix import ACmixBase, pointwise
-from .utils import check_image_batch, init_weights_strictly
+from .utils import (
+    FrozenStagesMixin,
+    check_image_batch,
+    freeze,
+    init_weights_strictly,
+    stage_arguments,
+)
 
 NUM_STAGES = 4
 STEM_CHANNELS = 64
@@ -352,7 +357,7 @@ class SANBottleneck(BaseModule):
 
 
 @MODELS.register_module()
-class ACmixSAN(BaseModule):
+class ACmixSAN(FrozenStagesMixin, BaseModule):
     """ACmix-SAN backbone: patchwise SAN-10/15/19 with ACmix in every SAM.
 
     See the module docstring for the design. Module names are those of the
@@ -427,18 +432,11 @@ class ACmixSAN(BaseModule):
             ]
         super().__init__(init_cfg=init_cfg)
         settings = self._arch_settings(arch)
-        if not all(0 <= i < NUM_STAGES for i in out_indices):
-            raise ValueError(
-                f'out_indices must lie in [0, {NUM_STAGES}), got {out_indices}'
-            )
-        if not -1 <= frozen_stages <= NUM_STAGES:
-            raise ValueError(
-                f'frozen_stages must lie in [-1, {NUM_STAGES}], got '
-                f'{frozen_stages}'
-            )
+        self.out_indices = stage_arguments(
+            NUM_STAGES, out_indices, frozen_stages
+        )
         self.in_channels = in_channels
         self.with_acmix = with_acmix
-        self.out_indices = tuple(out_indices)
         self.frozen_stages = frozen_stages
         self.norm_cfg = norm_cfg or dict(type='BN', requires_grad=True)
         self.norm_eval = norm_eval
@@ -522,21 +520,7 @@ class ACmixSAN(BaseModule):
 
     def _freeze_stages(self) -> None:
         for index in range(self.frozen_stages + 1):
-            for module in self._stage_modules(index):
-                module.eval()
-                for param in module.parameters():
-                    param.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'ACmixSAN':
-        """Sets the mode, keeping frozen stages and (``norm_eval``) BN in
-        eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-        return self
+            freeze(self._stage_modules(index))
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Returns the outputs of the stages in ``out_indices``.
