@@ -65,7 +65,10 @@ def extensions() -> dict:
         compile_args, link_args = ['-O3', '-fopenmp'], ['-fopenmp']
     extension = CppExtension(
         'mmacmix.ops._ext',
-        ['mmacmix/ops/csrc/local_attention.cpp'],
+        [
+            f'mmacmix/ops/csrc/{name}.cpp'
+            for name in ('bindings', 'local_attention', 'pixel_shift')
+        ],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         # A failed build is reported and skipped, not fatal.

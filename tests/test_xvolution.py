@@ -247,16 +247,31 @@ def test_every_parameter_receives_a_gradient_in_both_forms():
             assert param.grad is not None and param.grad.any(), name
 
 
+@pytest.mark.parametrize('path', ['compiled', 'pytorch'])
 @pytest.mark.parametrize(
-    'stride, dilation, size', [(1, 1, (7, 9)), (2, 1, (9, 6)), (2, 2, (8, 7))]
+    'stride, dilation, size',
+    [(1, 1, (7, 9)), (2, 1, (9, 6)), (2, 2, (8, 7)), (1, 3, (10, 5))],
 )
-def test_row_blocks_equal_the_whole_map_forward_and_backward(
-    stride, dilation, size, monkeypatch
+def test_tiles_and_blocks_equal_the_whole_map_forward_and_backward(
+    path, stride, dilation, size, monkeypatch
 ):
-    # Blocks of one row: every block border is crossed. The whole map
-    # through autograd (stacked products, one matrix product) is the
-    # independent reference, in float64.
-    monkeypatch.setattr(xvolution_module, 'BLOCK_ELEMENTS', 1)
+    # Tiles of one row and blocks of one channel (the compiled kernel,
+    # which then runs its backward in several phases), or blocks of one row
+    # (the PyTorch path): every border is crossed. The whole map through
+    # autograd (stacked products, one matrix product) is the independent
+    # reference, in float64.
+    if path == 'compiled':
+        if xvolution_module.native_ops is None:
+            pytest.skip('mmacmix was built without its compiled kernels')
+        monkeypatch.setattr(xvolution_module, 'TILE_POSITIONS', 1)
+        monkeypatch.setattr(xvolution_module, 'BLOCK_BYTES', 1)
+    else:
+        monkeypatch.setattr(xvolution_module, 'native_ops', None)
+        monkeypatch.setattr(xvolution_module, 'BLOCK_ELEMENTS', 1)
+        x = torch.zeros(2, 3, *size)
+        assert (
+            len(xvolution_module._ProductRows(x, dilation, stride).blocks) > 2
+        )
     torch.manual_seed(0)
     x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 27, dtype=torch.float64, requires_grad=True)
@@ -265,21 +280,77 @@ def test_row_blocks_equal_the_whole_map_forward_and_backward(
     out_grad = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, (x, weight), out_grad)
     out = pixel_shift_attention(x, weight, dilation, stride)
-    assert len(xvolution_module._ProductRows(x, dilation, stride).blocks) > 2
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad(out, (x, weight), out_grad)
     for grad, reference in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, reference, rtol=1e-12, atol=1e-12)
-    # Without gradients: added in place into a given map (the deployed op's
-    # convolution output).
-    base = torch.randn_like(expected)
-    with torch.no_grad():
-        summed = pixel_shift_attention(
-            x, weight, dilation, stride, base.clone()
-        )
-    torch.testing.assert_close(
-        summed, expected.detach() + base, rtol=1e-12, atol=1e-12
+    # Only the gradient asked for.
+    (grad_x,) = torch.autograd.grad(
+        pixel_shift_attention(x, weight.detach(), dilation, stride),
+        x,
+        out_grad,
     )
+    torch.testing.assert_close(
+        grad_x, expected_grads[0], rtol=1e-12, atol=1e-12
+    )
+    # Without gradients: added in place into a given map (the deployed op's
+    # convolution output), contiguous or not.
+    for base in (
+        torch.randn_like(expected),
+        torch.randn_like(expected).contiguous(
+            memory_format=torch.channels_last
+        ),
+    ):
+        with torch.no_grad():
+            summed = pixel_shift_attention(
+                x, weight, dilation, stride, base.clone()
+            )
+        torch.testing.assert_close(
+            summed, expected.detach() + base, rtol=1e-12, atol=1e-12
+        )
+
+
+def test_compiled_pssa_at_a_real_width_in_float64_and_float32():
+    # The default tiling at a ResNet width: several tiles, and the threads'
+    # partial weight gradients summed. The whole map through autograd in
+    # float64 is the reference.
+    if xvolution_module.native_ops is None:
+        pytest.skip('mmacmix was built without its compiled kernels')
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 23, 41, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(32, 9 * 64, dtype=torch.float64) / 24
+    weight.requires_grad_()
+    expected = torch.einsum('ok,bkhw->bohw', weight, shift_products(x, 1))
+    out_grad = torch.randn_like(expected)
+    expected = [
+        expected,
+        *torch.autograd.grad(expected, (x, weight), out_grad),
+    ]
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (x, weight)]
+        out = pixel_shift_attention(*inputs, 1)
+        grads = torch.autograd.grad(out, inputs, out_grad.to(dtype))
+        for result, reference in zip((out, *grads), expected, strict=True):
+            assert result.dtype == dtype
+            torch.testing.assert_close(
+                result.double(), reference, rtol=tolerance, atol=tolerance
+            )
+
+
+def test_compiled_pssa_on_several_threads_under_no_grad():
+    # Worker threads do not share the caller's grad mode: parameters that
+    # require grad must still be usable there (eval of a trained module).
+    if xvolution_module.native_ops is None:
+        pytest.skip('mmacmix was built without its compiled kernels')
+    op = random_op(torch.float64, in_channels=8, out_channels=6)
+    x = torch.randn(2, 8, 40, 9, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(op(x), reference(op, x))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def global_attention_reference(op: XVolution, x: torch.Tensor) -> torch.Tensor:

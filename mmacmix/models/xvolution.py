@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mmacmix.ops.native import ext as native_ops
 from mmacmix.registry import MODELS
 
 from .utils import check_image_batch, conv3x3_arguments
@@ -41,10 +42,13 @@ KERNEL_SIZE = 3
 # with dilation ``L`` reads, which is what lets the branches merge.
 TAPS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 ATTENTIONS = ('pssa', 'global')
-# Shift products per row block and CPU thread: 4 MiB of float32, each
-# thread's share of a block staying in its core's cache between being
-# computed and being used by the matrix product (the fastest of 2**17 to
-# 2**23 per thread in the benchmark's shapes).
+# The compiled CPU kernel's tiles: about this many output pixels (whole
+# rows), their products cut into blocks of channels of about this many
+# bytes, which stay in a core's cache between being computed and weighted.
+TILE_POSITIONS = 512
+BLOCK_BYTES = 2**19
+# The PyTorch path's row blocks on the CPU (without the compiled kernel, or
+# in reduced precision): shift products per CPU thread, 4 MiB of float32.
 BLOCK_ELEMENTS = 2**20
 _NOT_DEPLOYABLE = (
     "XVolution with attention='global' has no deployed form: attention "
@@ -211,6 +215,15 @@ class _ProductRows:
             grad_window.addcmul_(grads[:, :, dy + 1, dx + 1], centre)
 
 
+def _native(x: Tensor) -> bool:
+    """Whether the compiled kernel computes the PSSA of ``x``."""
+    return (
+        native_ops is not None
+        and x.device.type == 'cpu'
+        and x.dtype in (torch.float32, torch.float64)
+    )
+
+
 def _weighted_rows(
     x: Tensor,
     weight: Tensor,
@@ -218,16 +231,28 @@ def _weighted_rows(
     stride: int,
     base: Tensor | None = None,
 ) -> Tensor:
-    """``base + weight @ shift_products(x)`` block by block (see
-    :class:`_ProductRows`), added into ``base`` in place."""
+    """``base + weight @ shift_products(x)`` tile by tile (the compiled
+    kernel) or block by block (:class:`_ProductRows`), added into ``base``
+    in place."""
+    # Under autocast x may be of a lower type than the weight: it decides.
+    weight = weight.to(x.dtype)
+    if _native(x):
+        tiling = (TILE_POSITIONS, BLOCK_BYTES)
+        x, weight = x.contiguous(), weight.contiguous()
+        if base is None or base.is_contiguous():
+            return native_ops.pixel_shift_forward(
+                x, weight, base, distance, stride, *tiling
+            )
+        out = native_ops.pixel_shift_forward(
+            x, weight, None, distance, stride, *tiling
+        )
+        return base.add_(out)
     rows = _ProductRows(x, distance, stride)
     batch = x.shape[0]
     if base is None:
         out = x.new_empty(batch, weight.shape[0], rows.height, rows.width)
     else:
         out = base
-    # Under autocast x may be of a lower type than the weight: it decides.
-    weight = weight.to(x.dtype)
     for start, stop in rows.blocks:
         products = rows.products(start, stop)
         for image in range(batch):
@@ -238,9 +263,10 @@ def _weighted_rows(
 
 
 class _PixelShiftAttention(torch.autograd.Function):
-    """``weight @ shift_products(x)`` computed in row blocks both ways.
+    """``weight @ shift_products(x)`` computed in tiles (the compiled
+    kernel) or row blocks, both ways.
 
-    The products are not kept for the backward pass: each block is
+    The products are not kept for the backward pass: each tile or block is
     computed again there, used for the gradients of the weight and of the
     products, and the latter's gradient accumulated into the input's.
     """
@@ -255,12 +281,27 @@ class _PixelShiftAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        rows = _ProductRows(x, ctx.distance, ctx.stride)
         # Computed in x's type, as forward (autocast); the weight's
         # gradient accumulated in the weight's.
         grad = grad.to(x.dtype).contiguous()
-        batch = x.shape[0]
         need_x, need_weight = ctx.needs_input_grad[:2]
+        if _native(x):
+            grad_x, grad_weight = native_ops.pixel_shift_backward(
+                grad,
+                x.contiguous(),
+                weight.to(x.dtype).contiguous(),
+                ctx.distance,
+                ctx.stride,
+                need_x,
+                need_weight,
+                TILE_POSITIONS,
+                BLOCK_BYTES,
+            )
+            if grad_weight is not None:
+                grad_weight = grad_weight.to(weight.dtype)
+            return grad_x, grad_weight, None, None
+        rows = _ProductRows(x, ctx.distance, ctx.stride)
+        batch = x.shape[0]
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_padded = torch.zeros_like(rows.padded) if need_x else None
         transposed = weight.t().to(x.dtype).expand(batch, -1, -1)

@@ -33,13 +33,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-try:
-    from . import _ext
-except ImportError as error:  # built without the extension
-    _ext = None
-    _EXT_ERROR: ImportError | None = error
-else:
-    _EXT_ERROR = None
+from .native import IMPORT_ERROR as _EXT_ERROR
+from .native import ext as _ext
 
 __all__ = [
     'local_attention',

@@ -15,9 +15,9 @@
 // blocks of columns are summed in registers.  The forward keeps only a
 // per-pixel log-sum-exp; the backward recomputes the probabilities, a band
 // of output rows at a time so that its buffers stay small and in cache.
-#include <torch/extension.h>
-
 #include <ATen/Parallel.h>
+
+#include "common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -25,29 +25,6 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
-
-// The hot loops are compiled for several instruction sets and one is picked
-// at load time, so a portable build still runs at full width on AVX-512 or
-// AVX2 machines.  GCC 12 is the first to dispatch on x86-64 feature levels.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && \
-    defined(__x86_64__) && defined(__linux__) && !defined(MMACMIX_NO_CLONES)
-#define MMACMIX_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MMACMIX_CLONES
-#endif
-
-// Everything a clone calls must be inlined into it: an out-of-line copy
-// (lambdas included) would be compiled for the baseline instruction set.
-#if defined(__GNUC__)
-#define MMACMIX_INLINE inline __attribute__((always_inline))
-#define MMACMIX_LAMBDA __attribute__((always_inline))
-#define MMACMIX_RESTRICT __restrict__
-#else
-#define MMACMIX_INLINE inline
-#define MMACMIX_LAMBDA
-#define MMACMIX_RESTRICT __restrict
-#endif
 
 namespace mmacmix {
 namespace {
@@ -714,9 +691,22 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k,
               "q must be (N, D, ceil(H / stride), ceil(W / stride))");
 }
 
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
-                                const at::Tensor& v, int64_t kernel_size,
-                                int64_t stride) {
+// Output rows per backward band: the band buffers stay near 16 MB, with at
+// least 8 rows so that the input rows shared by two bands stay few.
+int64_t band_rows(const Geometry& g, int64_t element_size) {
+  const int64_t per_row =
+      g.n * (2 * g.kk + 2 * g.d) * g.row_len * element_size;
+  const int64_t rows = (int64_t(16) << 20) / std::max<int64_t>(per_row, 1);
+  return std::min(g.ho, std::max<int64_t>(rows, 8));
+}
+
+}  // namespace
+
+std::vector<at::Tensor> local_attention_forward(const at::Tensor& q,
+                                                const at::Tensor& k,
+                                                const at::Tensor& v,
+                                                int64_t kernel_size,
+                                                int64_t stride) {
   check_inputs(q, k, v, kernel_size, stride);
   const Geometry g(q, k, kernel_size, stride);
   at::Tensor out = at::empty_like(q);
@@ -739,19 +729,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
   return {out, lse};
 }
 
-// Output rows per backward band: the band buffers stay near 16 MB, with at
-// least 8 rows so that the input rows shared by two bands stay few.
-int64_t band_rows(const Geometry& g, int64_t element_size) {
-  const int64_t per_row =
-      g.n * (2 * g.kk + 2 * g.d) * g.row_len * element_size;
-  const int64_t rows = (int64_t(16) << 20) / std::max<int64_t>(per_row, 1);
-  return std::min(g.ho, std::max<int64_t>(rows, 8));
-}
-
-std::vector<at::Tensor> backward(const at::Tensor& grad_out,
-                                 const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& lse,
-                                 int64_t kernel_size, int64_t stride) {
+std::vector<at::Tensor> local_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& lse, int64_t kernel_size,
+    int64_t stride) {
   check_inputs(q, k, v, kernel_size, stride);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.is_contiguous() &&
                   grad_out.scalar_type() == q.scalar_type(),
@@ -840,17 +821,4 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out,
   return {grad_q, grad_k, grad_v};
 }
 
-}  // namespace
 }  // namespace mmacmix
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ACmix sliding-window local attention (CPU)";
-  m.def("local_attention_forward", &mmacmix::forward,
-        "(out, lse) for contiguous q (N, D, Ho, Wo) and k, v (N, D, H, W)",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kernel_size"),
-        py::arg("stride"));
-  m.def("local_attention_backward", &mmacmix::backward,
-        "(grad_q, grad_k, grad_v) from grad_out and the forward's lse",
-        py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("lse"), py::arg("kernel_size"), py::arg("stride"));
-}

@@ -1,0 +1,392 @@
+// X-volution's pixel shift self-attention on the CPU: the products of a map
+// with its copies shifted over the 3x3 taps, weighted by a dense matrix,
+//
+//   out[n, o, i, j] (+)= sum_{c, t} weight[o, 9 c + t] * x[n, c, s i, s j]
+//                        * x[n, c, s i + L dy_t, s j + L dx_t]
+//
+// for the taps (dy_t, dx_t) in {-1, 0, 1}^2 (row-major), zero outside the
+// map.  This is both the PSSA branch and, added onto a convolution's
+// output, the deployed X-volution's dynamic kernel.
+//
+// The output is cut into tiles of whole rows and the channels into blocks.
+// The products of one tile and block go into a buffer of the thread's own,
+// small enough to stay in its core's cache, and are weighted there by a
+// single-threaded GEMM: the 9 C-fold map never travels to memory and back.
+// The backward recomputes each tile's products, for the weight's gradient
+// and to scatter the products' gradient into the input's; tiles that could
+// write the same input rows never run at the same time.  Nothing is padded
+// and the scratch buffers live as long as their thread: on machines where
+// fresh memory is slow to fault in, a map-sized copy per call would cost as
+// much as the arithmetic.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace mmacmix {
+namespace {
+
+constexpr int64_t kTaps = 9;
+
+// Sizes of the map and its output, the tiling, and for each tap the output
+// columns [lo, hi) whose shifted pixel is inside the map.  Tiles have about
+// `positions` outputs (whole rows) and blocks of products `block_bytes`.
+struct ShiftGeometry {
+  int64_t n, c, h, w, ho, wo, s, dist, rows, tiles, channels;
+  std::array<int64_t, 3> lo, hi;
+
+  ShiftGeometry(const at::Tensor& x, int64_t distance, int64_t stride,
+                int64_t positions, int64_t block_bytes) {
+    n = x.size(0);
+    c = x.size(1);
+    h = x.size(2);
+    w = x.size(3);
+    ho = (h + stride - 1) / stride;
+    wo = (w + stride - 1) / stride;
+    s = stride;
+    dist = distance;
+    // At least two tiles per thread where the map allows.
+    const int64_t threads = std::max(at::get_num_threads(), 1);
+    const int64_t spread = std::max<int64_t>(n * ho / (2 * threads), 1);
+    rows = std::clamp<int64_t>((positions + wo - 1) / wo, 1,
+                               std::min(spread, std::max<int64_t>(ho, 1)));
+    tiles = (ho + rows - 1) / rows;
+    const int64_t per_channel = kTaps * rows * wo * x.element_size();
+    channels = std::clamp<int64_t>(block_bytes / per_channel, 1,
+                                   std::max<int64_t>(c, 1));
+    for (int64_t dx = -1; dx <= 1; ++dx) {
+      // Columns j with 0 <= j s + dx L < w.
+      const int64_t offset = dx * dist;
+      const int64_t first = offset < 0 ? (-offset + s - 1) / s : 0;
+      const int64_t last = w - 1 - offset < 0 ? -1 : (w - 1 - offset) / s;
+      lo[dx + 1] = std::min(first, wo);
+      hi[dx + 1] = std::clamp<int64_t>(last + 1, lo[dx + 1], wo);
+    }
+  }
+
+  int64_t block_size() const { return kTaps * channels * rows * wo; }
+};
+
+// A tile: output rows [r0, r1) of image b, channels [c0, c1).  Its
+// products form a (9 (c1 - c0), len) matrix, row 9 c + t for channel
+// c0 + c and tap t: the order of the weight's columns.
+struct Tile {
+  int64_t b, r0, r1, c0, c1;
+
+  int64_t len(const ShiftGeometry& g) const { return (r1 - r0) * g.wo; }
+  int64_t products() const { return kTaps * (c1 - c0); }
+};
+
+// The pixels of one plane that the products of output row i and tap t
+// multiply: row `centre`, and row `shifted` (nullptr outside the map) read
+// `offset` columns away, for the output columns [lo, hi).
+template <typename T>
+struct TapRows {
+  T* centre;
+  T* shifted;
+  int64_t offset, lo, hi;
+
+  TapRows(T* plane, const ShiftGeometry& g, int64_t i, int64_t t) {
+    const int64_t dy = t / 3 - 1, dx = t % 3 - 1;
+    const int64_t y = i * g.s + dy * g.dist;
+    centre = plane + i * g.s * g.w;
+    shifted = y >= 0 && y < g.h ? plane + y * g.w : nullptr;
+    offset = dx * g.dist;
+    lo = g.lo[dx + 1];
+    hi = shifted ? g.hi[dx + 1] : lo;
+  }
+};
+
+// dst[j] = a[j s] * b[j s] for j in [lo, hi), 0 elsewhere in [0, len).
+template <typename T>
+MMACMIX_INLINE void row_products(T* MMACMIX_RESTRICT dst, const T* a,
+                                 const T* b, int64_t lo, int64_t hi,
+                                 int64_t len, int64_t s) {
+  std::fill(dst, dst + lo, T(0));
+  if (s == 1) {
+    for (int64_t j = lo; j < hi; ++j) dst[j] = a[j] * b[j];
+  } else {
+    for (int64_t j = lo; j < hi; ++j) dst[j] = a[j * s] * b[j * s];
+  }
+  std::fill(dst + hi, dst + len, T(0));
+}
+
+// y[j s] += a[j] * b[j s] for j in [lo, hi).
+template <typename T>
+MMACMIX_INLINE void row_add_products(T* MMACMIX_RESTRICT y,
+                                     const T* MMACMIX_RESTRICT a,
+                                     const T* MMACMIX_RESTRICT b, int64_t lo,
+                                     int64_t hi, int64_t s) {
+  if (s == 1) {
+    for (int64_t j = lo; j < hi; ++j) y[j] += a[j] * b[j];
+  } else {
+    for (int64_t j = lo; j < hi; ++j) y[j * s] += a[j] * b[j * s];
+  }
+}
+
+template <typename T>
+MMACMIX_INLINE void tile_products(T* buffer, const T* x,
+                                  const ShiftGeometry& g, const Tile& tile) {
+  const int64_t len = tile.len(g);
+  for (int64_t c = tile.c0; c < tile.c1; ++c) {
+    const T* plane = x + (tile.b * g.c + c) * g.h * g.w;
+    for (int64_t t = 0; t < kTaps; ++t) {
+      T* dst = buffer + ((c - tile.c0) * kTaps + t) * len;
+      for (int64_t i = tile.r0; i < tile.r1; ++i, dst += g.wo) {
+        const TapRows<const T> rows(plane, g, i, t);
+        if (rows.shifted) {
+          row_products(dst, rows.centre, rows.shifted + rows.offset, rows.lo,
+                       rows.hi, g.wo, g.s);
+        } else {
+          std::fill(dst, dst + g.wo, T(0));
+        }
+      }
+    }
+  }
+}
+
+// Adds the gradient of the tile's products (`grads`, laid out like them)
+// to the input's: product t at p is centre(p) * shifted_t(p), so its
+// gradient goes to both pixels.
+template <typename T>
+MMACMIX_INLINE void tile_scatter(T* grad_x, const T* x, const T* grads,
+                                 const ShiftGeometry& g, const Tile& tile) {
+  const int64_t len = tile.len(g);
+  for (int64_t c = tile.c0; c < tile.c1; ++c) {
+    const int64_t plane = (tile.b * g.c + c) * g.h * g.w;
+    for (int64_t i = tile.r0; i < tile.r1; ++i) {
+      const T* grad_row =
+          grads + (c - tile.c0) * kTaps * len + (i - tile.r0) * g.wo;
+      for (int64_t t = 0; t < kTaps; ++t, grad_row += len) {
+        const TapRows<const T> rows(x + plane, g, i, t);
+        if (!rows.shifted) continue;
+        const TapRows<T> grad_rows(grad_x + plane, g, i, t);
+        row_add_products(grad_rows.centre, grad_row,
+                         rows.shifted + rows.offset, rows.lo, rows.hi, g.s);
+        row_add_products(grad_rows.shifted + rows.offset, grad_row,
+                         rows.centre, rows.lo, rows.hi, g.s);
+      }
+    }
+  }
+}
+
+// The loops compiled once per instruction set (see MMACMIX_CLONES).
+#define MMACMIX_SHIFT_LOOPS(T, SUFFIX)                                        \
+  MMACMIX_CLONES void tile_products_##SUFFIX(T* buffer, const T* x,           \
+                                             const ShiftGeometry& g,          \
+                                             const Tile& tile) {              \
+    tile_products<T>(buffer, x, g, tile);                                     \
+  }                                                                           \
+  MMACMIX_CLONES void tile_scatter_##SUFFIX(T* grad_x, const T* x,            \
+                                            const T* grads,                   \
+                                            const ShiftGeometry& g,           \
+                                            const Tile& tile) {               \
+    tile_scatter<T>(grad_x, x, grads, g, tile);                               \
+  }                                                                           \
+  void tile_products_any(T* buffer, const T* x, const ShiftGeometry& g,       \
+                         const Tile& tile) {                                  \
+    tile_products_##SUFFIX(buffer, x, g, tile);                               \
+  }                                                                           \
+  void tile_scatter_any(T* grad_x, const T* x, const T* grads,                \
+                        const ShiftGeometry& g, const Tile& tile) {           \
+    tile_scatter_##SUFFIX(grad_x, x, grads, g, tile);                         \
+  }
+
+MMACMIX_SHIFT_LOOPS(float, f32)
+MMACMIX_SHIFT_LOOPS(double, f64)
+#undef MMACMIX_SHIFT_LOOPS
+
+// A buffer of the calling thread's, kept between calls (slot 0: products,
+// 1: their gradient, 2: a partial weight gradient).
+at::Tensor scratch(int slot, int64_t count, const at::TensorOptions& options) {
+  thread_local std::array<std::vector<char>, 3> buffers;
+  std::vector<char>& buffer = buffers[slot];
+  const size_t bytes = count * options.dtype().itemsize();
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return at::from_blob(buffer.data(), {count}, options);
+}
+
+void check_shift_inputs(const at::Tensor& x, const at::Tensor& weight,
+                        int64_t distance, int64_t stride,
+                        int64_t tile_positions, int64_t block_bytes) {
+  TORCH_CHECK(tile_positions >= 1 && block_bytes >= 1,
+              "pixel_shift: tile sizes must be positive");
+  TORCH_CHECK(distance >= 1, "pixel_shift: distance must be >= 1, got ",
+              distance);
+  TORCH_CHECK(stride >= 1, "pixel_shift: stride must be >= 1, got ", stride);
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
+              "pixel_shift: CPU tensors only");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(),
+              "pixel_shift: x must be a contiguous (N, C, H, W) tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
+                  weight.size(1) == kTaps * x.size(1),
+              "pixel_shift: weight must be a contiguous (C_out, 9 C) matrix");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(),
+              "pixel_shift: x and weight must share a dtype");
+}
+
+void check_output_shape(const at::Tensor& map, const char* name,
+                        const at::Tensor& x, const at::Tensor& weight,
+                        const ShiftGeometry& g) {
+  TORCH_CHECK(map.is_contiguous() && map.scalar_type() == x.scalar_type() &&
+                  map.dim() == 4 && map.size(0) == g.n &&
+                  map.size(1) == weight.size(0) && map.size(2) == g.ho &&
+                  map.size(3) == g.wo,
+              "pixel_shift: ", name,
+              " must be a contiguous (N, C_out, ceil(H / stride), "
+              "ceil(W / stride)) tensor of x's dtype");
+}
+
+// The (C_out, len) block of image b's output (or its gradient) at the
+// tile's rows: a view with the map's row stride.
+at::Tensor output_block(const at::Tensor& map, const ShiftGeometry& g,
+                        const Tile& tile) {
+  return map.select(0, tile.b)
+      .view({map.size(1), g.ho * g.wo})
+      .narrow(1, tile.r0 * g.wo, tile.len(g));
+}
+
+// The tile's (products, len) matrix at the start of a buffer.
+at::Tensor block_view(const at::Tensor& buffer, const ShiftGeometry& g,
+                      const Tile& tile) {
+  const int64_t len = tile.len(g);
+  return buffer.narrow(0, 0, tile.products() * len)
+      .view({tile.products(), len});
+}
+
+// Runs fn(tile) over the channel blocks of the row tiles [begin, end), row
+// tile k being image k / per_image, tile row first + k % per_image * step.
+template <typename Fn>
+void for_tiles(const ShiftGeometry& g, int64_t begin, int64_t end,
+               int64_t per_image, int64_t first, int64_t step, const Fn& fn) {
+  for (int64_t k = begin; k < end; ++k) {
+    Tile tile;
+    tile.b = k / per_image;
+    tile.r0 = (first + k % per_image * step) * g.rows;
+    tile.r1 = std::min(tile.r0 + g.rows, g.ho);
+    for (tile.c0 = 0; tile.c0 < g.c; tile.c0 += g.channels) {
+      tile.c1 = std::min(tile.c0 + g.channels, g.c);
+      fn(tile);
+    }
+  }
+}
+
+}  // namespace
+
+// Every tensor reaches the worker threads detached: autograd's thread-local
+// state stays on the calling thread, and out= GEMMs refuse tensors that
+// require grad.
+at::Tensor pixel_shift_forward(const at::Tensor& x_in,
+                               const at::Tensor& weight_in,
+                               const c10::optional<at::Tensor>& base,
+                               int64_t distance, int64_t stride,
+                               int64_t tile_positions,
+                               int64_t block_bytes) {
+  const at::Tensor x = x_in.detach(), weight = weight_in.detach();
+  check_shift_inputs(x, weight, distance, stride, tile_positions,
+                     block_bytes);
+  const ShiftGeometry g(x, distance, stride, tile_positions, block_bytes);
+  const bool accumulate = base.has_value();
+  at::Tensor out;
+  if (accumulate) {
+    out = base->detach();
+    check_output_shape(out, "base", x, weight, g);
+  } else {
+    out = at::empty({g.n, weight.size(0), g.ho, g.wo}, x.options());
+  }
+  if (out.numel() == 0) return out;
+  if (g.c == 0) return accumulate ? out : out.zero_();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pixel_shift_forward", [&] {
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, g.n * g.tiles, 1, [&](int64_t begin, int64_t end) {
+      const at::Tensor buffer = scratch(0, g.block_size(), x.options());
+      for_tiles(g, begin, end, g.tiles, 0, 1, [&](const Tile& tile) {
+        tile_products_any(buffer.data_ptr<scalar_t>(), xd, g, tile);
+        const at::Tensor columns =
+            weight.narrow(1, kTaps * tile.c0, tile.products());
+        at::Tensor block = output_block(out, g, tile);
+        if (accumulate || tile.c0 > 0) {
+          block.addmm_(columns, block_view(buffer, g, tile));
+        } else {
+          at::mm_out(block, columns, block_view(buffer, g, tile));
+        }
+      });
+    });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> pixel_shift_backward(const at::Tensor& grad_in,
+                                             const at::Tensor& x_in,
+                                             const at::Tensor& weight_in,
+                                             int64_t distance, int64_t stride,
+                                             bool need_x, bool need_weight,
+                                             int64_t tile_positions,
+                                             int64_t block_bytes) {
+  const at::Tensor grad = grad_in.detach(), x = x_in.detach(),
+                   weight = weight_in.detach();
+  check_shift_inputs(x, weight, distance, stride, tile_positions,
+                     block_bytes);
+  const ShiftGeometry g(x, distance, stride, tile_positions, block_bytes);
+  check_output_shape(grad, "grad", x, weight, g);
+  at::Tensor grad_x = need_x ? at::zeros_like(x) : at::Tensor();
+  at::Tensor grad_weight = need_weight ? at::zeros_like(weight) : at::Tensor();
+  if (grad.numel() == 0 || g.c == 0 || !(need_x || need_weight)) {
+    return {grad_x, grad_weight};
+  }
+  // Row tile k writes the input rows [k R s - L, ((k + 1) R - 1) s + L]:
+  // tiles `phases` apart never share one, so each phase runs its tiles at
+  // once.
+  const int64_t overlap = 2 * g.dist - g.s;
+  const int64_t phases = overlap < 0 ? 1 : overlap / (g.rows * g.s) + 2;
+  // The threads' partial weight gradients, summed at the end.
+  std::vector<at::Tensor> partial(std::max(at::get_num_threads(), 1));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pixel_shift_backward", [&] {
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    for (int64_t phase = 0; phase < std::min(phases, g.tiles); ++phase) {
+      const int64_t per_image = (g.tiles - phase + phases - 1) / phases;
+      at::parallel_for(0, g.n * per_image, 1, [&](int64_t begin,
+                                                  int64_t end) {
+        const at::Tensor buffer = scratch(0, g.block_size(), x.options());
+        const at::Tensor grad_buffer = scratch(1, g.block_size(), x.options());
+        at::Tensor& thread_grad = partial[std::min<size_t>(
+            at::get_thread_num(), partial.size() - 1)];
+        if (need_weight && !thread_grad.defined()) {
+          thread_grad = scratch(2, weight.numel(), weight.options())
+                            .view(weight.sizes())
+                            .zero_();
+        }
+        for_tiles(g, begin, end, per_image, phase, phases,
+                  [&](const Tile& tile) {
+          tile_products_any(buffer.data_ptr<scalar_t>(), xd, g, tile);
+          const at::Tensor products = block_view(buffer, g, tile);
+          const at::Tensor block = output_block(grad, g, tile);
+          const int64_t column = kTaps * tile.c0;
+          if (need_weight) {
+            thread_grad.narrow(1, column, tile.products())
+                .addmm_(block, products.t());
+          }
+          if (need_x) {
+            at::Tensor grads = block_view(grad_buffer, g, tile);
+            at::mm_out(grads,
+                       weight.narrow(1, column, tile.products()).t(), block);
+            tile_scatter_any(grad_x.data_ptr<scalar_t>(), xd,
+                             grads.const_data_ptr<scalar_t>(), g, tile);
+          }
+        });
+      });
+    }
+  });
+  if (need_weight) {
+    for (const at::Tensor& part : partial) {
+      if (part.defined()) grad_weight.add_(part);
+    }
+  }
+  return {grad_x, grad_weight};
+}
+
+}  // namespace mmacmix
