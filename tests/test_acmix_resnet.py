@@ -58,6 +58,36 @@ def test_out_indices_select_stages():
     assert [o.shape[1] for o in outs] == [512, 2048]
 
 
+def test_acmix_stages_choose_where_acmix_replaces_the_3x3_convs():
+    from mmacmix.models import ACmix
+
+    model = ACmixResNet(depth=26, acmix_stages=(False, True, False, True))
+    kinds = {
+        name: type(module).__name__
+        for name, module in model.named_modules()
+        if name.endswith('.conv2') and name.count('.') == 2
+    }
+    # 1 + 2 + 4 + 1 bottlenecks; stages 2 and 4 have ACmix.
+    assert kinds == {
+        'layer1.0.conv2': 'Conv2d',
+        'layer2.0.conv2': 'ACmix',
+        'layer2.1.conv2': 'ACmix',
+        **{f'layer3.{i}.conv2': 'Conv2d' for i in range(4)},
+        'layer4.0.conv2': 'ACmix',
+    }
+    plain = ACmixResNet(depth=26, acmix_stages=(False,) * 4)
+    assert not any(isinstance(m, ACmix) for m in plain.modules())
+    assert plain.layer2[0].conv2.stride == (2, 2)
+    with pytest.raises(ValueError, match=r'one flag per stage \(4\)'):
+        ACmixResNet(depth=26, acmix_stages=(True, False))
+    with pytest.raises(ValueError, match='one flag per stage'):
+        ACmixResNet(depth=26, acmix_stages='tttt')
+    with pytest.raises(ValueError, match='one flag per stage'):
+        ACmixResNet(depth=26, acmix_stages=True)
+    with pytest.raises(ValueError, match='True or False'):
+        ACmixResNet(depth=26, acmix_stages=(1, 1, 1, 0))
+
+
 def test_frozen_stages_and_norm_eval_survive_train():
     model = ACmixResNet(depth=26, frozen_stages=2, norm_eval=True)
     model.train()

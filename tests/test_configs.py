@@ -126,7 +126,13 @@ def classification_data(root: str, split: str, cfg: Config):
         for key in ('scale', 'crop_size'):
             if isinstance(transform.get(key), int):
                 transform[key] = transform[key] * 64 // 224
-    dataset.update(data_root=root, split=split)
+    dataset.update(data_root=root)
+    if dataset.type == 'CustomDataset':
+        # The demo's shape crops: the same layout, named by the config.
+        assert dataset.ann_file == f'meta/{split}.txt'
+        assert dataset.data_prefix == f'{split}/'
+    else:
+        dataset.update(split=split)
     return DATASETS.build(dataset)
 
 

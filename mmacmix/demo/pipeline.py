@@ -12,6 +12,9 @@ validation split, and writes into ``out_dir``:
 * ``predictions/*.png``: validation images, ground truth left, predicted
   boxes and masks right;
 * ``train/``: the Runner's work folder (log, config, final checkpoint).
+
+``--pretrain`` and ``--compare`` train several detectors with
+:func:`train_detector` and tabulate them: see :mod:`mmacmix.demo.comparison`.
 """
 
 import contextlib
@@ -32,11 +35,12 @@ import numpy as np
 import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
+from mmengine.runner import Runner
 
 from mmacmix.apis import build_runner, load_config
 from mmacmix.configs import find_config
 from mmacmix.datasets import ShapesSpec, generate_shapes_dataset
-from mmacmix.fileio import check_folder
+from mmacmix.fileio import atomic_path, check_folder
 
 # The dataset the demo trains on: 128x128 images with up to five partly
 # hidden shapes each on a striped, noisy background.
@@ -47,6 +51,9 @@ TINY_SHAPES = ShapesSpec(
     num_train=8, num_val=4, image_size=(128, 128), max_instances=3
 )
 CONFIG_DATA_ROOT = 'data/shapes/'
+PLOT_TITLE = 'ACmix-R26 Mask R-CNN on synthetic shapes (CPU)'
+# What train_detector adds to the COCO metrics.
+RUN_KEYS = ('iterations', 'train_and_eval_seconds', 'threads', 'cpu')
 
 
 def default_config() -> str:
@@ -103,18 +110,7 @@ def run_demo(
     """
     start = time.perf_counter()
     say = print if progress else (lambda *args, **kwargs: None)
-    if max_iters is not None and (
-        not isinstance(max_iters, int) or max_iters < 1
-    ):
-        raise ValueError(
-            f'max_iters must be a positive integer, got {max_iters!r}'
-        )
-    spec = TINY_SHAPES if tiny else DEMO_SHAPES
-    data_root = osp.normpath(data_root)
-    if tiny and data_root == osp.normpath(CONFIG_DATA_ROOT):
-        data_root = 'data/shapes_tiny'
-    check_folder(out_dir, 'output folder')
-    check_folder(data_root, 'data folder')
+    spec, data_root = check_demo_arguments(out_dir, data_root, tiny, max_iters)
     say(f'[1/4] shapes dataset in {data_root} ...', end=' ', flush=True)
     generate_shapes_dataset(data_root, spec)
     data_seconds = time.perf_counter() - start
@@ -127,30 +123,129 @@ def run_demo(
         tiny=tiny,
         max_iters=max_iters,
     )
+    result = train_detector(
+        cfg, out_dir, num_images=num_images, progress=progress
+    )
+    run = result.metrics
+    # The COCO metrics first, then the keys in metrics.json's usual order.
+    metrics = {key: value for key, value in run.items() if key not in RUN_KEYS}
+    metrics.update(
+        iterations=run['iterations'],
+        train_images=spec.num_train,
+        val_images=spec.num_val,
+        data_seconds=round(data_seconds, 1),
+        train_and_eval_seconds=run['train_and_eval_seconds'],
+        wall_seconds=round(time.perf_counter() - start, 1),
+        threads=run['threads'],
+        cpu=run['cpu'],
+    )
+    result.metrics = metrics
+    write_json(metrics, result.files['metrics'])
+    say(
+        f'bbox mAP {metrics.get("coco/bbox_mAP", float("nan")):.3f}, '
+        f'mask mAP {metrics.get("coco/segm_mAP", float("nan")):.3f} '
+        f'({spec.num_val} val images); {metrics["wall_seconds"]:.0f} s in '
+        f'all. Results in {out_dir}/'
+    )
+    return result
+
+
+def check_demo_arguments(
+    out_dir: str, data_root: str, tiny: bool, max_iters: int | None
+) -> tuple[ShapesSpec, str]:
+    """Checks the demo's arguments before any work and picks its data.
+
+    Args:
+        out_dir (str): Folder of the results.
+        data_root (str): Folder of the shapes dataset.
+        tiny (bool): The smoke run: the tiny dataset, in
+            ``data/shapes_tiny`` when ``data_root`` is the default.
+        max_iters (int, optional): Training iterations.
+
+    Returns:
+        tuple[ShapesSpec, str]: The dataset's spec and folder.
+
+    Raises:
+        ValueError: If ``max_iters`` is not a positive integer.
+        OSError: If ``out_dir`` or ``data_root`` cannot be a folder.
+    """
+    check_iterations(max_iters)
+    spec = TINY_SHAPES if tiny else DEMO_SHAPES
+    data_root = osp.normpath(data_root)
+    if tiny and data_root == osp.normpath(CONFIG_DATA_ROOT):
+        data_root = 'data/shapes_tiny'
+    check_folder(out_dir, 'output folder')
+    check_folder(data_root, 'data folder')
+    return spec, data_root
+
+
+def check_iterations(value: int | None, name: str = 'max_iters') -> None:
+    """Checks an optional iteration count.
+
+    Raises:
+        ValueError: If ``value`` is neither None nor a positive integer.
+    """
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ):
+        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+
+
+def train_detector(
+    cfg: Config,
+    out_dir: str,
+    name: str = 'ACmix Mask R-CNN',
+    steps: tuple[str, str, str] = ('[2/4]', '[3/4]', '[4/4]'),
+    num_images: int = 4,
+    progress: bool = True,
+    title: str = PLOT_TITLE,
+) -> DemoResult:
+    """Trains and evaluates one detector config; writes the demo's files.
+
+    Args:
+        cfg (Config): A config from :func:`demo_config`; its ``work_dir``
+            receives the Runner's log and checkpoint.
+        out_dir (str): Folder of ``metrics.json``, ``loss_curve.png`` and
+            ``predictions/``.
+        name (str): What is trained, for the console.
+            Defaults to ``'ACmix Mask R-CNN'``.
+        steps (tuple[str, str, str]): The console's prefixes of the
+            training, evaluation and plotting lines. Defaults to the plain
+            demo's ``('[2/4]', '[3/4]', '[4/4]')``.
+        num_images (int): Validation images to draw. Defaults to 4.
+        progress (bool): Print the steps and a progress bar. Defaults to
+            True.
+        title (str): The loss plot's title. Defaults to the demo
+            detector's.
+
+    Returns:
+        DemoResult: The COCO metrics with ``iterations``,
+        ``train_and_eval_seconds``, ``threads`` and ``cpu`` (also written
+        to ``metrics.json``), and the files.
+    """
+    say = print if progress else (lambda *args, **kwargs: None)
+    start = time.perf_counter()
     iterations = cfg.train_cfg.max_iters
     say(
-        f'[2/4] training ACmix Mask R-CNN for {iterations} iterations '
+        f'{steps[0]} training {name} for {iterations} iterations '
         f'(batch {cfg.train_dataloader.batch_size}) on the CPU'
     )
-    # MMEngine prints its environment, config and every log line at INFO;
-    # they go to the log file, the console gets the progress bar.
-    console = sys.stdout
-    with contextlib.redirect_stdout(io.StringIO()):
-        runner = build_runner(cfg)
-    _quiet_console(runner.logger, console)
-    progress_hook = ProgressHook(iterations, enabled=progress, out=console)
-    runner.register_hook(progress_hook, 'LOW')
-    with _chatter_to_log(runner.logger):
-        runner.train()
-    train_seconds = time.perf_counter() - start - data_seconds
+    runner, progress_hook = train_quietly(
+        cfg,
+        progress=progress,
+        val_message=f'{steps[1]} COCO evaluation on the validation split',
+    )
+    train_seconds = time.perf_counter() - start
 
-    say('[4/4] plots ...')
+    say(f'{steps[2]} plots ...')
     os.makedirs(out_dir, exist_ok=True)
     with _chatter_to_log(runner.logger):
         files = dict(
             metrics=osp.join(out_dir, 'metrics.json'),
             loss_curve=plot_losses(
-                scalars_file(runner), osp.join(out_dir, 'loss_curve.png')
+                scalars_file(runner),
+                osp.join(out_dir, 'loss_curve.png'),
+                title=title,
             ),
             predictions=draw_predictions(
                 runner, osp.join(out_dir, 'predictions'), num_images
@@ -159,24 +254,53 @@ def run_demo(
     metrics = {k: _number(v) for k, v in progress_hook.metrics.items()}
     metrics.update(
         iterations=iterations,
-        train_images=spec.num_train,
-        val_images=spec.num_val,
-        data_seconds=round(data_seconds, 1),
         train_and_eval_seconds=round(train_seconds, 1),
-        wall_seconds=round(time.perf_counter() - start, 1),
         # Results repeat bit for bit only with the same threads and CPU.
         threads=torch.get_num_threads(),
         cpu=cpu_name(),
     )
-    with open(files['metrics'], 'w') as file:
-        json.dump(metrics, file, indent=2)
-    say(
-        f'bbox mAP {metrics.get("coco/bbox_mAP", float("nan")):.3f}, '
-        f'mask mAP {metrics.get("coco/segm_mAP", float("nan")):.3f} '
-        f'({spec.num_val} val images); {metrics["wall_seconds"]:.0f} s in '
-        f'all. Results in {out_dir}/'
-    )
+    write_json(metrics, files['metrics'])
     return DemoResult(metrics, files)
+
+
+def train_quietly(
+    cfg: Config, progress: bool = True, val_message: str | None = None
+) -> tuple[Runner, 'ProgressHook']:
+    """Builds the Runner of ``cfg`` and trains, showing only progress.
+
+    MMEngine prints its environment, config and every log line at INFO;
+    they go to the log file, the console gets the progress bar.
+
+    Args:
+        cfg (Config): The config.
+        progress (bool): Show the progress bar. Defaults to True.
+        val_message (str, optional): Printed when validation starts.
+
+    Returns:
+        tuple[Runner, ProgressHook]: The trained runner and the hook that
+        holds the last validation metrics.
+    """
+    console = sys.stdout
+    with contextlib.redirect_stdout(io.StringIO()):
+        runner = build_runner(cfg)
+    _quiet_console(runner.logger, console)
+    progress_hook = ProgressHook(
+        cfg.train_cfg.max_iters,
+        enabled=progress,
+        out=console,
+        val_message=val_message,
+    )
+    runner.register_hook(progress_hook, 'LOW')
+    with _chatter_to_log(runner.logger):
+        runner.train()
+    return runner, progress_hook
+
+
+def write_json(payload: dict, path: str) -> str:
+    """Writes ``payload`` to ``path`` atomically (indented JSON)."""
+    with atomic_path(path) as partial, open(partial, 'w') as file:
+        json.dump(payload, file, indent=2)
+    return path
 
 
 def demo_config(
@@ -253,12 +377,21 @@ class ProgressHook(Hook):
         total (int): Training iterations.
         enabled (bool): Print anything at all. Defaults to True.
         out (TextIO, optional): The console. Defaults to ``sys.stdout``.
+        val_message (str, optional): Printed when validation starts.
+            Defaults to the plain demo's COCO evaluation step.
     """
 
     def __init__(
-        self, total: int, enabled: bool = True, out: TextIO | None = None
+        self,
+        total: int,
+        enabled: bool = True,
+        out: TextIO | None = None,
+        val_message: str | None = (
+            '[3/4] COCO evaluation on the validation split'
+        ),
     ) -> None:
         self.total = total
+        self.val_message = val_message
         self.enabled = enabled
         self.loss = None
         self.start = None
@@ -271,12 +404,8 @@ class ProgressHook(Hook):
         self.start = time.perf_counter()
 
     def before_val(self, runner) -> None:
-        if self.enabled:
-            print(
-                '[3/4] COCO evaluation on the validation split',
-                file=self.out,
-                flush=True,
-            )
+        if self.enabled and self.val_message:
+            print(self.val_message, file=self.out, flush=True)
 
     def after_val_epoch(self, runner, metrics=None) -> None:
         self.metrics = dict(metrics or {})
@@ -382,12 +511,17 @@ def read_scalars(path: str) -> list[dict]:
     return records
 
 
-def plot_losses(scalars: str, out_file: str) -> str:
+def plot_losses(
+    scalars: str,
+    out_file: str,
+    title: str = PLOT_TITLE,
+) -> str:
     """Plots the total loss and its parts against the iteration.
 
     Args:
         scalars (str): A ``scalars.json`` written during training.
         out_file (str): The PNG to write.
+        title (str): The plot's title. Defaults to the demo detector's.
 
     Returns:
         str: ``out_file``.
@@ -408,7 +542,7 @@ def plot_losses(scalars: str, out_file: str) -> str:
     axis.set_xlabel('iteration')
     axis.set_ylabel('loss (window mean)')
     axis.set_yscale('log')
-    axis.set_title('ACmix-R26 Mask R-CNN on synthetic shapes (CPU)')
+    axis.set_title(title)
     axis.grid(alpha=0.3, which='both')
     axis.legend(fontsize=8, ncol=2)
     figure.tight_layout()

@@ -7,7 +7,12 @@ training checkpoints hold ``{'state_dict': ...}`` with ``module.``-prefixed
 keys and a 1000-class ``fc`` head; ``convert_acmix_resnet`` in
 :mod:`mmacmix.models.converters` turns one into weights for
 :class:`ACmixResNet`.
+
+With ``acmix_stages=(False,) * 4`` the same class is the plain ResNet of
+that depth (the control the demo's ``--compare`` trains).
 """
+
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -22,7 +27,8 @@ class ACmixResNet(PluggableResNet):
     """ACmix-ResNet backbone (depth 26, 38 or 50).
 
     Every bottleneck's 3x3 convolution is an :class:`ACmix` op with 4 heads
-    and a 7x7 attention window, as in the official models. Unlike the
+    and a 7x7 attention window, as in the official models (or only those of
+    the stages ``acmix_stages`` chooses). Unlike the
     official ResNet, whose Kaiming initialisation overwrites them, the one-hot
     shift kernels and rates of 0.5 are kept at initialisation.
 
@@ -30,6 +36,11 @@ class ACmixResNet(PluggableResNet):
         depth (int): 26, 38 or 50.
         num_heads (int): Heads of every ACmix op. Defaults to 4.
         attn_kernel_size (int): Attention window side. Defaults to 7.
+        acmix_stages (Sequence[bool]): For each of the four stages, whether
+            its 3x3 convolutions are ACmix ops; a stage without keeps the
+            plain 3x3 convolution (so all False is the plain ResNet of that
+            depth, same module names elsewhere). Defaults to
+            ``(True, True, True, True)``, the official models.
         **kwargs: The arguments of :class:`PluggableResNet` (``out_indices``,
             ``frozen_stages``, ``norm_cfg``, ``norm_eval``, ``with_cp``,
             ``init_cfg``...).
@@ -52,8 +63,23 @@ class ACmixResNet(PluggableResNet):
         depth: int,
         num_heads: int = 4,
         attn_kernel_size: int = 7,
+        acmix_stages: Sequence[bool] = (True, True, True, True),
         **kwargs,
     ) -> None:
+        if (
+            not isinstance(acmix_stages, Sequence)
+            or isinstance(acmix_stages, str)
+            or len(acmix_stages) != 4
+        ):
+            raise ValueError(
+                'acmix_stages needs one flag per stage (4), '
+                f'got {acmix_stages!r}'
+            )
+        if not all(isinstance(flag, bool) for flag in acmix_stages):
+            raise ValueError(
+                f'acmix_stages must hold True or False, got {acmix_stages!r}'
+            )
+        self.acmix_stages = tuple(acmix_stages)
         self.num_heads = num_heads
         self.attn_kernel_size = attn_kernel_size
         super().__init__(depth, **kwargs)
@@ -61,6 +87,10 @@ class ACmixResNet(PluggableResNet):
     def make_conv3x3(
         self, stage: int, in_channels: int, out_channels: int, stride: int
     ) -> nn.Module:
+        if not self.acmix_stages[stage]:
+            return super().make_conv3x3(
+                stage, in_channels, out_channels, stride
+            )
         return ACmix(
             in_channels,
             out_channels,
