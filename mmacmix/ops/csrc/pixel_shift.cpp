@@ -33,10 +33,15 @@ namespace {
 constexpr int64_t kTaps = 9;
 
 // Sizes of the map and its output, the tiling, and for each tap the output
-// columns [lo, hi) whose shifted pixel is inside the map.  Tiles have about
-// `positions` outputs (whole rows) and blocks of products `block_bytes`.
+// columns [lo, hi) whose shifted pixel is inside the map.  Each image's
+// output rows are cut into `tiles` tiles of about `positions` pixels, of
+// max_rows or max_rows - 1 rows (tile k: rows [k ho / tiles, (k + 1) ho /
+// tiles)), as many in all as a multiple of the threads where the map
+// allows; the channels into blocks whose products take about
+// `block_bytes`.
 struct ShiftGeometry {
-  int64_t n, c, h, w, ho, wo, s, dist, rows, tiles, channels;
+  int64_t n, c, h, w, ho, wo, s, dist, tiles, min_rows, max_rows, channels,
+      blocks;
   std::array<int64_t, 3> lo, hi;
 
   ShiftGeometry(const at::Tensor& x, int64_t distance, int64_t stride,
@@ -49,15 +54,18 @@ struct ShiftGeometry {
     wo = (w + stride - 1) / stride;
     s = stride;
     dist = distance;
-    // At least two tiles per thread where the map allows.
     const int64_t threads = std::max(at::get_num_threads(), 1);
-    const int64_t spread = std::max<int64_t>(n * ho / (2 * threads), 1);
-    rows = std::clamp<int64_t>((positions + wo - 1) / wo, 1,
-                               std::min(spread, std::max<int64_t>(ho, 1)));
-    tiles = (ho + rows - 1) / rows;
-    const int64_t per_channel = kTaps * rows * wo * x.element_size();
+    tiles = std::max<int64_t>(1, ho * wo / std::max<int64_t>(positions, 1));
+    // Every thread gets the same number of tiles (a thread with one more
+    // would finish last by a whole tile).
+    while (tiles < ho && (n * tiles) % threads != 0) ++tiles;
+    tiles = std::clamp<int64_t>(tiles, 1, std::max<int64_t>(ho, 1));
+    min_rows = ho / tiles;
+    max_rows = (ho + tiles - 1) / tiles;
+    const int64_t per_channel = kTaps * max_rows * wo * x.element_size();
     channels = std::clamp<int64_t>(block_bytes / per_channel, 1,
                                    std::max<int64_t>(c, 1));
+    blocks = (c + channels - 1) / channels;
     for (int64_t dx = -1; dx <= 1; ++dx) {
       // Columns j with 0 <= j s + dx L < w.
       const int64_t offset = dx * dist;
@@ -68,7 +76,7 @@ struct ShiftGeometry {
     }
   }
 
-  int64_t block_size() const { return kTaps * channels * rows * wo; }
+  int64_t block_size() const { return kTaps * channels * max_rows * wo; }
 };
 
 // A tile: output rows [r0, r1) of image b, channels [c0, c1).  Its
@@ -258,21 +266,16 @@ at::Tensor block_view(const at::Tensor& buffer, const ShiftGeometry& g,
       .view({tile.products(), len});
 }
 
-// Runs fn(tile) over the channel blocks of the row tiles [begin, end), row
-// tile k being image k / per_image, tile row first + k % per_image * step.
-template <typename Fn>
-void for_tiles(const ShiftGeometry& g, int64_t begin, int64_t end,
-               int64_t per_image, int64_t first, int64_t step, const Fn& fn) {
-  for (int64_t k = begin; k < end; ++k) {
-    Tile tile;
-    tile.b = k / per_image;
-    tile.r0 = (first + k % per_image * step) * g.rows;
-    tile.r1 = std::min(tile.r0 + g.rows, g.ho);
-    for (tile.c0 = 0; tile.c0 < g.c; tile.c0 += g.channels) {
-      tile.c1 = std::min(tile.c0 + g.channels, g.c);
-      fn(tile);
-    }
-  }
+// Tile `row_tile` of image b, channel block `block`.
+Tile make_tile(const ShiftGeometry& g, int64_t b, int64_t row_tile,
+               int64_t block) {
+  Tile tile;
+  tile.b = b;
+  tile.r0 = row_tile * g.ho / g.tiles;
+  tile.r1 = (row_tile + 1) * g.ho / g.tiles;
+  tile.c0 = block * g.channels;
+  tile.c1 = std::min(tile.c0 + g.channels, g.c);
+  return tile;
 }
 
 }  // namespace
@@ -302,9 +305,14 @@ at::Tensor pixel_shift_forward(const at::Tensor& x_in,
   if (g.c == 0) return accumulate ? out : out.zero_();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pixel_shift_forward", [&] {
     const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    // A thread's tiles, each over all channel blocks in turn: they add
+    // onto the same output.
     at::parallel_for(0, g.n * g.tiles, 1, [&](int64_t begin, int64_t end) {
       const at::Tensor buffer = scratch(0, g.block_size(), x.options());
-      for_tiles(g, begin, end, g.tiles, 0, 1, [&](const Tile& tile) {
+      for (int64_t k = begin * g.blocks; k < end * g.blocks; ++k) {
+        const Tile tile =
+            make_tile(g, k / g.blocks / g.tiles, k / g.blocks % g.tiles,
+                      k % g.blocks);
         tile_products_any(buffer.data_ptr<scalar_t>(), xd, g, tile);
         const at::Tensor columns =
             weight.narrow(1, kTaps * tile.c0, tile.products());
@@ -314,7 +322,7 @@ at::Tensor pixel_shift_forward(const at::Tensor& x_in,
         } else {
           at::mm_out(block, columns, block_view(buffer, g, tile));
         }
-      });
+      }
     });
   });
   return out;
@@ -338,19 +346,20 @@ std::vector<at::Tensor> pixel_shift_backward(const at::Tensor& grad_in,
   if (grad.numel() == 0 || g.c == 0 || !(need_x || need_weight)) {
     return {grad_x, grad_weight};
   }
-  // Row tile k writes the input rows [k R s - L, ((k + 1) R - 1) s + L]:
-  // tiles `phases` apart never share one, so each phase runs its tiles at
-  // once.
+  // Row tile k writes the input rows [r0 s - L, (r1 - 1) s + L]: row tiles
+  // `phases` apart never share one, so each phase runs all its tiles and
+  // channel blocks at once.
   const int64_t overlap = 2 * g.dist - g.s;
-  const int64_t phases = overlap < 0 ? 1 : overlap / (g.rows * g.s) + 2;
+  const int64_t phases =
+      overlap < 0 ? 1 : overlap / (std::max<int64_t>(g.min_rows, 1) * g.s) + 2;
   // The threads' partial weight gradients, summed at the end.
   std::vector<at::Tensor> partial(std::max(at::get_num_threads(), 1));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pixel_shift_backward", [&] {
     const scalar_t* xd = x.const_data_ptr<scalar_t>();
     for (int64_t phase = 0; phase < std::min(phases, g.tiles); ++phase) {
       const int64_t per_image = (g.tiles - phase + phases - 1) / phases;
-      at::parallel_for(0, g.n * per_image, 1, [&](int64_t begin,
-                                                  int64_t end) {
+      const int64_t units = g.n * per_image * g.blocks;
+      at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
         const at::Tensor buffer = scratch(0, g.block_size(), x.options());
         const at::Tensor grad_buffer = scratch(1, g.block_size(), x.options());
         at::Tensor& thread_grad = partial[std::min<size_t>(
@@ -360,8 +369,10 @@ std::vector<at::Tensor> pixel_shift_backward(const at::Tensor& grad_in,
                             .view(weight.sizes())
                             .zero_();
         }
-        for_tiles(g, begin, end, per_image, phase, phases,
-                  [&](const Tile& tile) {
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t row_tile = k / g.blocks % per_image;
+          const Tile tile = make_tile(g, k / g.blocks / per_image,
+                                      phase + row_tile * phases, k % g.blocks);
           tile_products_any(buffer.data_ptr<scalar_t>(), xd, g, tile);
           const at::Tensor products = block_view(buffer, g, tile);
           const at::Tensor block = output_block(grad, g, tile);
@@ -377,7 +388,7 @@ std::vector<at::Tensor> pixel_shift_backward(const at::Tensor& grad_in,
             tile_scatter_any(grad_x.data_ptr<scalar_t>(), xd,
                              grads.const_data_ptr<scalar_t>(), g, tile);
           }
-        });
+        }
       });
     }
   });
