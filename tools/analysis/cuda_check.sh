@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one run: the CUDA tests, then the CUDA benchmark tables
-# (the ACmix op in float32 and under float16 autocast, whole backbones) and
-# the scaled_dot_product_attention backends that ACmix-Swin's window
-# attention can use. Each part's output goes to its own file in OUT_DIR.
+# (the ACmix op in float32 and under float16 autocast, X-volution, whole
+# backbones) and the scaled_dot_product_attention backends that ACmix-Swin's
+# window attention can use. Each part's output goes to its own file in OUT_DIR.
 #
 #   bash tools/analysis/cuda_check.sh [OUT_DIR]    (default: $OUT, else
 #                                                   work_dirs/cuda_check)
@@ -85,6 +85,7 @@ bench=tools/analysis/benchmark_ops.py
 run ops_float32 "$PYTHON" "$bench" --device cuda --tables acmix attention
 run ops_float16 "$PYTHON" "$bench" --device cuda --tables acmix attention \
     --autocast float16
+run xvolution_float32 "$PYTHON" "$bench" --device cuda --tables xvolution
 run backbones_float32 "$PYTHON" "$bench" --device cuda --tables --backbone
 run backbones_float16 "$PYTHON" "$bench" --device cuda --tables --backbone \
     --autocast float16
