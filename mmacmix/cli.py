@@ -68,14 +68,21 @@ def exit_on_error(debug: bool = False) -> Iterator[None]:
 
 def positive_int(text: str) -> int:
     """An ``argparse`` type: an integer of at least 1."""
+    return _int_from(text, 1, 'a positive integer')
+
+
+def non_negative_int(text: str) -> int:
+    """An ``argparse`` type: an integer of at least 0."""
+    return _int_from(text, 0, 'a non-negative integer')
+
+
+def _int_from(text: str, least: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f'expected a positive integer, got {text!r}'
-        )
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f'expected {what}, got {text!r}')
     return value
 
 

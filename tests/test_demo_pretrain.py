@@ -31,6 +31,7 @@ from mmacmix.demo.comparison import (
 )
 from mmacmix.demo.pipeline import TINY_SHAPES as DEMO_TINY_SHAPES
 from mmacmix.demo.pipeline import _replace_prefix
+from mmacmix.demo.pretrain import pretrain_config
 from mmacmix.models import ACmix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,6 +287,44 @@ def weights_at_start(cfg: Config) -> dict:
     with pytest.raises(_Stop):
         runner.train()
     return hook.state
+
+
+def test_seed_reaches_every_run_and_only_the_seed_changes(
+    tmp_path, quick_config_text
+):
+    data_root = str(tmp_path / 'shapes')
+    generate_shapes_dataset(data_root, DEMO_TINY_SHAPES)
+    by_seed = {
+        seed: comparison_configs(
+            [SCRATCH, PLAIN],
+            data_root,
+            str(tmp_path / 'out'),
+            tiny=True,
+            seed=seed,
+        )
+        for seed in (None, 7)
+    }
+    for name, cfg in by_seed[7].items():
+        default = by_seed[None][name].to_dict()
+        seeded = cfg.to_dict()
+        # The configs' own seed without --seed, the given one with it, and
+        # nothing else moved.
+        assert default['randomness']['seed'] == 0
+        assert seeded['randomness'].pop('seed') == 7
+        default['randomness'].pop('seed')
+        assert seeded == default
+    cfg = pretrain_config(
+        str(CLASSIFIER_CONFIG), data_root, str(tmp_path / 'cls'), seed=7
+    )
+    assert cfg.randomness.seed == 7
+    # The seed decides the detector's initial weights.
+    starts = [
+        weights_at_start(by_seed[seed][SCRATCH.name]) for seed in (None, 7)
+    ]
+    again = weights_at_start(by_seed[None][SCRATCH.name])
+    assert all(torch.equal(starts[0][key], again[key]) for key in again)
+    stem = [start['conv1.weight'] for start in starts]
+    assert not torch.equal(*stem)
 
 
 def test_detector_starts_from_the_classifier_checkpoint_strictly(

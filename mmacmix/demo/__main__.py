@@ -2,7 +2,7 @@
 
     python -m mmacmix.demo [--out-dir work_dirs/demo] [--data-root
         data/shapes] [--iters N] [--tiny] [--data-only] [--debug]
-        [--pretrain [--pretrain-iters N]] [--compare]
+        [--pretrain [--pretrain-iters N]] [--compare] [--seed N]
 
 Generates the dataset if it is absent, trains, evaluates (COCO bbox and
 mask mAP) and writes metrics.json, loss_curve.png and predictions/*.png.
@@ -18,7 +18,12 @@ summary.json.
 
 import argparse
 
-from mmacmix.cli import add_debug_flag, exit_on_error, positive_int
+from mmacmix.cli import (
+    add_debug_flag,
+    exit_on_error,
+    non_negative_int,
+    positive_int,
+)
 from mmacmix.datasets import generate_shape_crops, generate_shapes_dataset
 from mmacmix.fileio import check_folder
 
@@ -64,6 +69,12 @@ def main(argv: list[str] | None = None) -> None:
         action='store_true',
         help='also train the detector with a plain ResNet-26 backbone',
     )
+    parser.add_argument(
+        '--seed',
+        type=non_negative_int,
+        help="random seed of every training (N >= 0; default: the configs' "
+        '0); another seed shows how much the results vary',
+    )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     several = args.pretrain or args.compare
@@ -93,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                 tiny=args.tiny,
                 max_iters=args.iters,
                 pretrain_iters=args.pretrain_iters,
+                seed=args.seed,
             )
             return
         run_demo(
@@ -101,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             config=args.config,
             tiny=args.tiny,
             max_iters=args.iters,
+            seed=args.seed,
         )
 
 

@@ -103,6 +103,7 @@ def comparison_configs(
     tiny: bool = False,
     max_iters: int | None = None,
     checkpoint: str | None = None,
+    seed: int | None = None,
 ) -> dict[str, Config]:
     """The detector config of every run.
 
@@ -122,6 +123,8 @@ def comparison_configs(
         max_iters (int, optional): Every detector's iterations.
         checkpoint (str, optional): The pretrained classifier; needed by
             the pretrained run.
+        seed (int, optional): Every run's random seed, instead of the
+            configs' (0).
 
     Returns:
         dict[str, Config]: Configs by run name.
@@ -138,6 +141,7 @@ def comparison_configs(
             osp.join(out_dir, run.name, 'train'),
             tiny=tiny,
             max_iters=max_iters,
+            seed=seed,
         )
         if run == PRETRAINED:
             if checkpoint is None:
@@ -167,6 +171,7 @@ def run_comparison(
     pretrain_iters: int | None = None,
     num_images: int = 4,
     progress: bool = True,
+    seed: int | None = None,
 ) -> ComparisonResult:
     """Runs the comparison; see the module docstring for what it writes.
 
@@ -188,6 +193,8 @@ def run_comparison(
             Defaults to 4.
         progress (bool): Show the steps and progress bars. Defaults to
             True.
+        seed (int, optional): The random seed of the pretraining and of
+            every detector, instead of the configs' (0).
 
     Returns:
         ComparisonResult: Every run's result and the table.
@@ -227,6 +234,7 @@ def run_comparison(
             max_iters=pretrain_iters,
             step=next(step),
             progress=progress,
+            seed=seed,
         )
     configs = comparison_configs(
         runs,
@@ -235,6 +243,7 @@ def run_comparison(
         tiny=tiny,
         max_iters=max_iters,
         checkpoint=pretrained.checkpoint if pretrained else None,
+        seed=seed,
     )
     results = {}
     for run in runs:
@@ -256,7 +265,13 @@ def run_comparison(
         )
         results[run.name] = result
 
-    summary = summarise(runs, results, pretrained, spec.num_val)
+    summary = summarise(
+        runs,
+        results,
+        pretrained,
+        spec.num_val,
+        configs[runs[0].name].randomness.seed,
+    )
     files = dict(
         summary_json=write_json(summary, osp.join(out_dir, 'summary.json')),
         summary_md=osp.join(out_dir, 'summary.md'),
@@ -280,11 +295,13 @@ def summarise(
     results: dict[str, DemoResult],
     pretrained: PretrainResult | None,
     val_images: int,
+    seed: int = 0,
 ) -> dict:
     """What ``summary.json`` holds: the setting, then one entry per run."""
     first = results[runs[0].name].metrics
     summary = dict(
         iterations=first['iterations'],
+        seed=seed,
         val_images=val_images,
         threads=torch.get_num_threads(),
         cpu=cpu_name(),
@@ -318,6 +335,7 @@ def summary_table(summary: dict) -> str:
     """The Markdown table of a summary, with a line saying how it ran."""
     lines = [
         f'Mask R-CNN on the shapes, {summary["iterations"]} iterations each, '
+        f'seed {summary["seed"]}, '
         f'COCO mAP on {summary["val_images"]} validation images; '
         f'{summary["threads"]} thread{"s" * (summary["threads"] != 1)}, '
         f'{summary["cpu"]}.',

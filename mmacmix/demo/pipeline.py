@@ -83,6 +83,7 @@ def run_demo(
     max_iters: int | None = None,
     num_images: int = 4,
     progress: bool = True,
+    seed: int | None = None,
 ) -> DemoResult:
     """Runs the whole demo; see the module docstring for what it writes.
 
@@ -98,6 +99,7 @@ def run_demo(
         max_iters (int, optional): Overrides the config's iterations.
         num_images (int): Validation images to draw. Defaults to 4.
         progress (bool): Show a progress bar. Defaults to True.
+        seed (int, optional): Overrides the config's random seed (0).
 
     Returns:
         DemoResult: Metrics and file paths.
@@ -122,6 +124,7 @@ def run_demo(
         osp.join(out_dir, 'train'),
         tiny=tiny,
         max_iters=max_iters,
+        seed=seed,
     )
     result = train_detector(
         cfg, out_dir, num_images=num_images, progress=progress
@@ -138,6 +141,7 @@ def run_demo(
         wall_seconds=round(time.perf_counter() - start, 1),
         threads=run['threads'],
         cpu=run['cpu'],
+        seed=cfg.randomness.seed,
     )
     result.metrics = metrics
     write_json(metrics, result.files['metrics'])
@@ -309,11 +313,13 @@ def demo_config(
     work_dir: str,
     tiny: bool = False,
     max_iters: int | None = None,
+    seed: int | None = None,
 ) -> Config:
     """Loads the demo config, pointed at ``data_root``.
 
     Every path of the config that starts with ``data/shapes/`` (data roots,
-    the evaluator's annotation file) is moved under ``data_root``.
+    the evaluator's annotation file) is moved under ``data_root``; see
+    :func:`short_run_config`.
 
     Args:
         config (str): The Mask R-CNN config.
@@ -321,22 +327,61 @@ def demo_config(
         work_dir (str): The Runner's work folder.
         tiny (bool): Shrink the run to seconds (see :func:`run_demo`).
         max_iters (int, optional): Training iterations.
+        seed (int, optional): The random seed, instead of the config's.
+
+    Returns:
+        Config: The config to build the Runner from.
+    """
+    batches = dict(train_dataloader=2) if tiny else None
+    return short_run_config(
+        config, data_root, work_dir, max_iters, batches, seed
+    )
+
+
+def short_run_config(
+    config: str,
+    data_root: str,
+    work_dir: str,
+    max_iters: int | None = None,
+    tiny_batches: dict[str, int] | None = None,
+    seed: int | None = None,
+) -> Config:
+    """Loads one of the demo's configs for a run that evaluates and saves
+    once, at its end.
+
+    Every path of the config that starts with ``data/shapes/`` moves under
+    ``data_root``; the checkpoint is kept without the optimizer.
+
+    Args:
+        config (str): The config.
+        data_root (str): Where the shapes dataset is.
+        work_dir (str): The Runner's work folder.
+        max_iters (int, optional): Training iterations (the schedule is
+            stretched to them).
+        tiny_batches (dict, optional): For a seconds-long run, the batch
+            size of each dataloader named (``{'train_dataloader': 2}``);
+            such a run takes 2 iterations unless ``max_iters`` says
+            otherwise, and logs each.
+        seed (int, optional): The random seed, instead of the config's.
 
     Returns:
         Config: The config to build the Runner from.
     """
     cfg = load_config(config, work_dir=work_dir)
-    root = data_root.rstrip('/') + '/'
-    _replace_prefix(cfg._cfg_dict, CONFIG_DATA_ROOT, root)
-    if tiny:
+    _replace_prefix(
+        cfg._cfg_dict, CONFIG_DATA_ROOT, data_root.rstrip('/') + '/'
+    )
+    if tiny_batches:
         max_iters = 2 if max_iters is None else max_iters
-        cfg.train_dataloader.batch_size = 2
+        for loader, batch_size in tiny_batches.items():
+            cfg[loader].batch_size = batch_size
         cfg.default_hooks.logger.interval = 1
         cfg.log_processor.window_size = 1
     if max_iters is not None:
         _rescale_schedule(cfg, max_iters)
+    if seed is not None:
+        cfg.randomness.seed = seed
     iterations = cfg.train_cfg.max_iters
-    # One evaluation, at the end of training; one checkpoint, the last.
     cfg.train_cfg.val_interval = iterations
     cfg.default_hooks.checkpoint.interval = iterations
     cfg.default_hooks.checkpoint.save_optimizer = False

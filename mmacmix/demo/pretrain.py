@@ -23,17 +23,14 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-from mmacmix.apis import load_config
 from mmacmix.configs import find_config
 
 from .pipeline import (
-    CONFIG_DATA_ROOT,
     _chatter_to_log,
-    _replace_prefix,
-    _rescale_schedule,
     cpu_name,
     plot_losses,
     scalars_file,
+    short_run_config,
     train_quietly,
     write_json,
 )
@@ -68,6 +65,7 @@ def pretrain_config(
     work_dir: str,
     tiny: bool = False,
     max_iters: int | None = None,
+    seed: int | None = None,
 ) -> Config:
     """Loads the classifier config, pointed at the crops of ``data_root``.
 
@@ -79,27 +77,15 @@ def pretrain_config(
         tiny (bool): A seconds-long run: 2 iterations of batch 8.
         max_iters (int, optional): Training iterations (the warm-up and
             cosine decay are stretched to them).
+        seed (int, optional): The random seed, instead of the config's.
 
     Returns:
         Config: The config to build the Runner from.
     """
-    cfg = load_config(config, work_dir=work_dir)
-    _replace_prefix(
-        cfg._cfg_dict, CONFIG_DATA_ROOT, data_root.rstrip('/') + '/'
+    batches = dict(train_dataloader=8, val_dataloader=8) if tiny else None
+    cfg = short_run_config(
+        config, data_root, work_dir, max_iters, batches, seed
     )
-    if tiny:
-        max_iters = 2 if max_iters is None else max_iters
-        cfg.train_dataloader.batch_size = 8
-        cfg.val_dataloader.batch_size = 8
-        cfg.default_hooks.logger.interval = 1
-        cfg.log_processor.window_size = 1
-    if max_iters is not None:
-        _rescale_schedule(cfg, max_iters)
-    iterations = cfg.train_cfg.max_iters
-    # One evaluation and one checkpoint, at the end.
-    cfg.train_cfg.val_interval = iterations
-    cfg.default_hooks.checkpoint.interval = iterations
-    cfg.default_hooks.checkpoint.max_keep_ckpts = 1
     # The Runner names its logger and visualizer after the experiment; a
     # name of its own keeps them apart from the detectors' in one process.
     cfg.experiment_name = 'pretrain'
@@ -113,6 +99,7 @@ def pretrain_classifier(
     max_iters: int | None = None,
     step: str = '[3/6]',
     progress: bool = True,
+    seed: int | None = None,
 ) -> PretrainResult:
     """Pretrains ACmix-ResNet-26 on the shape crops; see the module doc.
 
@@ -126,6 +113,7 @@ def pretrain_classifier(
             ``'[3/6]'``.
         progress (bool): Print the step and a progress bar. Defaults to
             True.
+        seed (int, optional): The random seed, instead of the config's.
 
     Returns:
         PretrainResult: The checkpoint, metrics and files.
@@ -141,6 +129,7 @@ def pretrain_classifier(
         osp.join(out_dir, 'train'),
         tiny=tiny,
         max_iters=max_iters,
+        seed=seed,
     )
     iterations = cfg.train_cfg.max_iters
     height, width = cfg.crop_size
