@@ -237,16 +237,18 @@ def _weighted_rows(
     # Under autocast x may be of a lower type than the weight: it decides.
     weight = weight.to(x.dtype)
     if _native(x):
-        tiling = (TILE_POSITIONS, BLOCK_BYTES)
-        x, weight = x.contiguous(), weight.contiguous()
-        if base is None or base.is_contiguous():
-            return native_ops.pixel_shift_forward(
-                x, weight, base, distance, stride, *tiling
-            )
+        # The kernel adds in place only into a contiguous map.
+        into = base if base is None or base.is_contiguous() else None
         out = native_ops.pixel_shift_forward(
-            x, weight, None, distance, stride, *tiling
+            x.contiguous(),
+            weight.contiguous(),
+            into,
+            distance,
+            stride,
+            TILE_POSITIONS,
+            BLOCK_BYTES,
         )
-        return base.add_(out)
+        return out if into is base else base.add_(out)
     rows = _ProductRows(x, distance, stride)
     batch = x.shape[0]
     if base is None:
