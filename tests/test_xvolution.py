@@ -353,6 +353,33 @@ def test_compiled_pssa_on_several_threads_under_no_grad():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize('stride, dilation', [(1, 1), (2, 2), (1, 3)])
+def test_compiled_pssa_splits_small_maps_by_output_channels(stride, dilation):
+    # A map smaller than a default tile per thread: with 4 threads the
+    # forward runs 2 tiles x 2 halves of the 37 output channels (18 + 19),
+    # alone and added in place. The whole map in float64 is the reference.
+    if xvolution_module.native_ops is None:
+        pytest.skip('mmacmix was built without its compiled kernels')
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 13, 21, dtype=torch.float64)
+    weight = torch.randn(37, 9 * 16, dtype=torch.float64)
+    base = torch.randn(1, 37, *(-(-side // stride) for side in (13, 21)))
+    base = base.double()
+    products = shift_products(x, dilation, stride)
+    expected = torch.einsum('ok,bkhw->bohw', weight, products)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        out = pixel_shift_attention(x, weight, dilation, stride)
+        summed = pixel_shift_attention(
+            x, weight, dilation, stride, base.clone()
+        )
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(summed, expected + base, rtol=1e-12, atol=1e-12)
+
+
 def global_attention_reference(op: XVolution, x: torch.Tensor) -> torch.Tensor:
     """X-volution (SA) in eval mode, from its definition: the conv branch of
     :func:`reference` plus, through its batch norm, the output projection

@@ -36,16 +36,19 @@ constexpr int64_t kTaps = 9;
 // columns [lo, hi) whose shifted pixel is inside the map.  Each image's
 // output rows are cut into `tiles` tiles of about `positions` pixels, of
 // max_rows or max_rows - 1 rows (tile k: rows [k ho / tiles, (k + 1) ho /
-// tiles)), as many in all as a multiple of the threads where the map
-// allows; the channels into blocks whose products take about
-// `block_bytes`.
+// tiles)), and the output channels into `parts` parts, as many units (tile,
+// part) in all as a multiple of the threads where the map allows; the
+// input channels into blocks whose products take about `block_bytes` (for
+// tiles of up to `positions` pixels: larger ones keep as many channels, so
+// that the GEMMs' inner dimension does not shrink).
 struct ShiftGeometry {
-  int64_t n, c, h, w, ho, wo, s, dist, tiles, min_rows, max_rows, channels,
-      blocks;
+  int64_t n, c, h, w, ho, wo, s, dist, parts, tiles, min_rows, max_rows,
+      channels, blocks;
   std::array<int64_t, 3> lo, hi;
 
   ShiftGeometry(const at::Tensor& x, int64_t distance, int64_t stride,
-                int64_t positions, int64_t block_bytes) {
+                int64_t positions, int64_t block_bytes,
+                int64_t output_parts = 1) {
     n = x.size(0);
     c = x.size(1);
     h = x.size(2);
@@ -54,15 +57,17 @@ struct ShiftGeometry {
     wo = (w + stride - 1) / stride;
     s = stride;
     dist = distance;
+    parts = output_parts;
     const int64_t threads = std::max(at::get_num_threads(), 1);
-    tiles = std::max<int64_t>(1, ho * wo / std::max<int64_t>(positions, 1));
-    // Every thread gets the same number of tiles (a thread with one more
-    // would finish last by a whole tile).
-    while (tiles < ho && (n * tiles) % threads != 0) ++tiles;
+    tiles = std::max<int64_t>(1, ho * wo / positions);
+    // Every thread gets the same number of units (a thread with one more
+    // would finish last by a whole unit).
+    while (tiles < ho && (n * tiles * parts) % threads != 0) ++tiles;
     tiles = std::clamp<int64_t>(tiles, 1, std::max<int64_t>(ho, 1));
     min_rows = ho / tiles;
     max_rows = (ho + tiles - 1) / tiles;
-    const int64_t per_channel = kTaps * max_rows * wo * x.element_size();
+    const int64_t per_channel =
+        kTaps * std::min(max_rows * wo, positions) * x.element_size();
     channels = std::clamp<int64_t>(block_bytes / per_channel, 1,
                                    std::max<int64_t>(c, 1));
     blocks = (c + channels - 1) / channels;
@@ -136,6 +141,46 @@ MMACMIX_INLINE void row_add_products(T* MMACMIX_RESTRICT y,
   }
 }
 
+// The products of one channel's plane and tap over the tile's rows
+// [r0, r1) when the stride is 1: output pixel k of the tile reads the
+// plane at k and k + offset, so every in-map row is one long loop; then
+// the pixels whose neighbour lies outside the map are zeroed (whole rows
+// above or below it, `dist` columns at its left or right edge).
+template <typename T>
+MMACMIX_INLINE void plane_products(T* MMACMIX_RESTRICT dst, const T* plane,
+                                   const ShiftGeometry& g, int64_t r0,
+                                   int64_t r1, int64_t t) {
+  const int64_t dy = t / 3 - 1, dx = t % 3 - 1, w = g.w;
+  const int64_t offset = (dy * w + dx) * g.dist;
+  // Rows whose shifted row is inside the map.
+  const int64_t first = std::clamp<int64_t>(-dy * g.dist, r0, r1);
+  const int64_t last = std::clamp<int64_t>(g.h - dy * g.dist, first, r1);
+  // Within them, the pixels whose read stays inside the plane: the ones
+  // cut off are at its left or right edge, zeroed below anyway.
+  const int64_t begin = std::clamp(-offset, first * w, last * w);
+  const int64_t end = std::clamp(g.h * w - offset, begin, last * w);
+  T* out = dst - r0 * w;
+  std::fill(out + r0 * w, out + begin, T(0));
+  const T* shifted = plane + offset;
+  for (int64_t k = begin; k < end; ++k) out[k] = plane[k] * shifted[k];
+  std::fill(out + end, out + r1 * w, T(0));
+  if (dx != 0) {
+    // The `dist` columns at the edge the tap looks past (a single store
+    // where it is one column: a call per row would cost as much as the
+    // products).
+    const int64_t edge = dx < 0 ? 0 : w - std::min(g.dist, w);
+    const int64_t count = std::min(g.dist, w);
+    T* row = out + first * w + edge;
+    if (count == 1) {
+      for (int64_t i = first; i < last; ++i, row += w) *row = T(0);
+    } else {
+      for (int64_t i = first; i < last; ++i, row += w) {
+        std::fill(row, row + count, T(0));
+      }
+    }
+  }
+}
+
 template <typename T>
 MMACMIX_INLINE void tile_products(T* buffer, const T* x,
                                   const ShiftGeometry& g, const Tile& tile) {
@@ -144,6 +189,10 @@ MMACMIX_INLINE void tile_products(T* buffer, const T* x,
     const T* plane = x + (tile.b * g.c + c) * g.h * g.w;
     for (int64_t t = 0; t < kTaps; ++t) {
       T* dst = buffer + ((c - tile.c0) * kTaps + t) * len;
+      if (g.s == 1) {
+        plane_products(dst, plane, g, tile.r0, tile.r1, t);
+        continue;
+      }
       for (int64_t i = tile.r0; i < tile.r1; ++i, dst += g.wo) {
         const TapRows<const T> rows(plane, g, i, t);
         if (rows.shifted) {
@@ -216,6 +265,20 @@ at::Tensor scratch(int slot, int64_t count, const at::TensorOptions& options) {
   const size_t bytes = count * options.dtype().itemsize();
   if (buffer.size() < bytes) buffer.resize(bytes);
   return at::from_blob(buffer.data(), {count}, options);
+}
+
+// The forward splits the output channels in two when the maps are too
+// small to give every thread a tile of `positions` pixels: each tile's
+// GEMMs read the whole weight, so two threads sharing a tile's products
+// (each forming them) beat two half-sized tiles.
+int64_t output_parts(const at::Tensor& x, const at::Tensor& weight,
+                     int64_t stride, int64_t positions) {
+  const int64_t threads = std::max(at::get_num_threads(), 1);
+  const int64_t pixels = x.size(0) * ((x.size(2) + stride - 1) / stride) *
+                         ((x.size(3) + stride - 1) / stride);
+  return threads > 1 && pixels < threads * positions && weight.size(0) >= 32
+             ? 2
+             : 1;
 }
 
 void check_shift_inputs(const at::Tensor& x, const at::Tensor& weight,
@@ -292,7 +355,8 @@ at::Tensor pixel_shift_forward(const at::Tensor& x_in,
   const at::Tensor x = x_in.detach(), weight = weight_in.detach();
   check_shift_inputs(x, weight, distance, stride, tile_positions,
                      block_bytes);
-  const ShiftGeometry g(x, distance, stride, tile_positions, block_bytes);
+  const ShiftGeometry g(x, distance, stride, tile_positions, block_bytes,
+                        output_parts(x, weight, stride, tile_positions));
   const bool accumulate = base.has_value();
   at::Tensor out;
   if (accumulate) {
@@ -305,18 +369,23 @@ at::Tensor pixel_shift_forward(const at::Tensor& x_in,
   if (g.c == 0) return accumulate ? out : out.zero_();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pixel_shift_forward", [&] {
     const scalar_t* xd = x.const_data_ptr<scalar_t>();
-    // A thread's tiles, each over all channel blocks in turn: they add
-    // onto the same output.
-    at::parallel_for(0, g.n * g.tiles, 1, [&](int64_t begin, int64_t end) {
+    const int64_t c_out = weight.size(0);
+    // A thread's units, each over all channel blocks in turn: they add onto
+    // the same output rows.
+    at::parallel_for(0, g.n * g.tiles * g.parts, 1, [&](int64_t begin,
+                                                         int64_t end) {
       const at::Tensor buffer = scratch(0, g.block_size(), x.options());
       for (int64_t k = begin * g.blocks; k < end * g.blocks; ++k) {
+        const int64_t unit = k / g.blocks, part = unit % g.parts;
         const Tile tile =
-            make_tile(g, k / g.blocks / g.tiles, k / g.blocks % g.tiles,
+            make_tile(g, unit / g.parts / g.tiles, unit / g.parts % g.tiles,
                       k % g.blocks);
         tile_products_any(buffer.data_ptr<scalar_t>(), xd, g, tile);
-        const at::Tensor columns =
-            weight.narrow(1, kTaps * tile.c0, tile.products());
-        at::Tensor block = output_block(out, g, tile);
+        const int64_t o0 = part * c_out / g.parts,
+                      o1 = (part + 1) * c_out / g.parts;
+        const at::Tensor columns = weight.narrow(0, o0, o1 - o0).narrow(
+            1, kTaps * tile.c0, tile.products());
+        at::Tensor block = output_block(out, g, tile).narrow(0, o0, o1 - o0);
         if (accumulate || tile.c0 > 0) {
           block.addmm_(columns, block_view(buffer, g, tile));
         } else {
