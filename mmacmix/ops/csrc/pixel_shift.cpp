@@ -141,44 +141,70 @@ MMACMIX_INLINE void row_add_products(T* MMACMIX_RESTRICT y,
   }
 }
 
-// The products of one channel's plane and tap over the tile's rows
-// [r0, r1) when the stride is 1: output pixel k of the tile reads the
-// plane at k and k + offset, so every in-map row is one long loop; then
-// the pixels whose neighbour lies outside the map are zeroed (whole rows
-// above or below it, `dist` columns at its left or right edge).
-template <typename T>
-MMACMIX_INLINE void plane_products(T* MMACMIX_RESTRICT dst, const T* plane,
-                                   const ShiftGeometry& g, int64_t r0,
-                                   int64_t r1, int64_t t) {
-  const int64_t dy = t / 3 - 1, dx = t % 3 - 1, w = g.w;
-  const int64_t offset = (dy * w + dx) * g.dist;
-  // Rows whose shifted row is inside the map.
-  const int64_t first = std::clamp<int64_t>(-dy * g.dist, r0, r1);
-  const int64_t last = std::clamp<int64_t>(g.h - dy * g.dist, first, r1);
-  // Within them, the pixels whose read stays inside the plane: the ones
-  // cut off are at its left or right edge, zeroed below anyway.
-  const int64_t begin = std::clamp(-offset, first * w, last * w);
-  const int64_t end = std::clamp(g.h * w - offset, begin, last * w);
-  T* out = dst - r0 * w;
-  std::fill(out + r0 * w, out + begin, T(0));
-  const T* shifted = plane + offset;
-  for (int64_t k = begin; k < end; ++k) out[k] = plane[k] * shifted[k];
-  std::fill(out + end, out + r1 * w, T(0));
-  if (dx != 0) {
-    // The `dist` columns at the edge the tap looks past (a single store
-    // where it is one column: a call per row would cost as much as the
-    // products).
-    const int64_t edge = dx < 0 ? 0 : w - std::min(g.dist, w);
-    const int64_t count = std::min(g.dist, w);
-    T* row = out + first * w + edge;
+// Tap t over a tile's output rows [r0, r1) at stride 1, in flat indices of
+// the plane: output pixel k pairs with pixel k + offset.  Rows [first,
+// last) have their shifted row inside the map; within them the pixels
+// [begin, end) read inside the plane (the ones cut off are edge columns).
+// In each of those rows the tap looks past the map at `count` columns from
+// column `edge`.
+struct FlatTap {
+  int64_t offset, first, last, begin, end, edge, count;
+
+  FlatTap(const ShiftGeometry& g, int64_t r0, int64_t r1, int64_t t) {
+    const int64_t dy = t / 3 - 1, dx = t % 3 - 1, w = g.w;
+    offset = (dy * w + dx) * g.dist;
+    first = std::clamp<int64_t>(-dy * g.dist, r0, r1);
+    last = std::clamp<int64_t>(g.h - dy * g.dist, first, r1);
+    begin = std::clamp(-offset, first * w, last * w);
+    end = std::clamp(g.h * w - offset, begin, last * w);
+    count = dx == 0 ? 0 : std::min(g.dist, w);
+    edge = dx < 0 ? 0 : w - count;
+  }
+
+  // Zeroes the edge columns of rows [first, last) of a map indexed like
+  // the plane (a single store per row where it is one column: a call per
+  // row would cost as much as the products).
+  template <typename T>
+  MMACMIX_INLINE void zero_edges(T* map, int64_t w) const {
+    T* row = map + first * w + edge;
     if (count == 1) {
       for (int64_t i = first; i < last; ++i, row += w) *row = T(0);
-    } else {
+    } else if (count > 1) {
       for (int64_t i = first; i < last; ++i, row += w) {
         std::fill(row, row + count, T(0));
       }
     }
   }
+};
+
+// The products of one channel's plane and tap over the tile's rows [r0,
+// r1) at stride 1: one long loop over the rows whose neighbours are in the
+// map, then zeros where they are not.
+template <typename T>
+MMACMIX_INLINE void plane_products(T* dst, const T* plane,
+                                   const ShiftGeometry& g, int64_t r0,
+                                   int64_t r1, int64_t t) {
+  const FlatTap tap(g, r0, r1, t);
+  const int64_t start = r0 * g.w;
+  row_products(dst, plane + start, plane + start + tap.offset,
+               tap.begin - start, tap.end - start, (r1 - r0) * g.w, 1);
+  tap.zero_edges(dst - start, g.w);
+}
+
+// The backward of plane_products: adds the products' gradient (`grads`,
+// zeroed here where a product reads outside the map) to both pixels of
+// each product.
+template <typename T>
+MMACMIX_INLINE void plane_scatter(T* grad_plane, const T* plane, T* grads,
+                                  const ShiftGeometry& g, int64_t r0,
+                                  int64_t r1, int64_t t) {
+  const FlatTap tap(g, r0, r1, t);
+  T* grad = grads - r0 * g.w;
+  tap.zero_edges(grad, g.w);
+  row_add_products(grad_plane, grad, plane + tap.offset, tap.begin, tap.end,
+                   1);
+  row_add_products(grad_plane + tap.offset, grad, plane, tap.begin, tap.end,
+                   1);
 }
 
 template <typename T>
@@ -208,17 +234,22 @@ MMACMIX_INLINE void tile_products(T* buffer, const T* x,
 
 // Adds the gradient of the tile's products (`grads`, laid out like them)
 // to the input's: product t at p is centre(p) * shifted_t(p), so its
-// gradient goes to both pixels.
+// gradient goes to both pixels (`grads` is overwritten with zeros where a
+// product reads outside the map).
 template <typename T>
-MMACMIX_INLINE void tile_scatter(T* grad_x, const T* x, const T* grads,
+MMACMIX_INLINE void tile_scatter(T* grad_x, const T* x, T* grads,
                                  const ShiftGeometry& g, const Tile& tile) {
   const int64_t len = tile.len(g);
   for (int64_t c = tile.c0; c < tile.c1; ++c) {
     const int64_t plane = (tile.b * g.c + c) * g.h * g.w;
-    for (int64_t i = tile.r0; i < tile.r1; ++i) {
-      const T* grad_row =
-          grads + (c - tile.c0) * kTaps * len + (i - tile.r0) * g.wo;
-      for (int64_t t = 0; t < kTaps; ++t, grad_row += len) {
+    for (int64_t t = 0; t < kTaps; ++t) {
+      T* grad_row = grads + ((c - tile.c0) * kTaps + t) * len;
+      if (g.s == 1) {
+        plane_scatter(grad_x + plane, x + plane, grad_row, g, tile.r0,
+                      tile.r1, t);
+        continue;
+      }
+      for (int64_t i = tile.r0; i < tile.r1; ++i, grad_row += g.wo) {
         const TapRows<const T> rows(x + plane, g, i, t);
         if (!rows.shifted) continue;
         const TapRows<T> grad_rows(grad_x + plane, g, i, t);
@@ -239,7 +270,7 @@ MMACMIX_INLINE void tile_scatter(T* grad_x, const T* x, const T* grads,
     tile_products<T>(buffer, x, g, tile);                                     \
   }                                                                           \
   MMACMIX_CLONES void tile_scatter_##SUFFIX(T* grad_x, const T* x,            \
-                                            const T* grads,                   \
+                                            T* grads,                         \
                                             const ShiftGeometry& g,           \
                                             const Tile& tile) {               \
     tile_scatter<T>(grad_x, x, grads, g, tile);                               \
@@ -248,7 +279,7 @@ MMACMIX_INLINE void tile_scatter(T* grad_x, const T* x, const T* grads,
                          const Tile& tile) {                                  \
     tile_products_##SUFFIX(buffer, x, g, tile);                               \
   }                                                                           \
-  void tile_scatter_any(T* grad_x, const T* x, const T* grads,                \
+  void tile_scatter_any(T* grad_x, const T* x, T* grads,                      \
                         const ShiftGeometry& g, const Tile& tile) {           \
     tile_scatter_##SUFFIX(grad_x, x, grads, g, tile);                         \
   }
@@ -455,7 +486,7 @@ std::vector<at::Tensor> pixel_shift_backward(const at::Tensor& grad_in,
             at::mm_out(grads,
                        weight.narrow(1, column, tile.products()).t(), block);
             tile_scatter_any(grad_x.data_ptr<scalar_t>(), xd,
-                             grads.const_data_ptr<scalar_t>(), g, tile);
+                             grads.data_ptr<scalar_t>(), g, tile);
           }
         }
       });
