@@ -37,10 +37,15 @@ constexpr int64_t kTaps = 9;
 // output rows are cut into `tiles` tiles of about `positions` pixels, of
 // max_rows or max_rows - 1 rows (tile k: rows [k ho / tiles, (k + 1) ho /
 // tiles)), and the output channels into `parts` parts, as many units (tile,
-// part) in all as a multiple of the threads where the map allows; the
-// input channels into blocks whose products take about `block_bytes` (for
-// tiles of up to `positions` pixels: larger ones keep as many channels, so
-// that the GEMMs' inner dimension does not shrink).
+// part) in all as a multiple of the threads where the map allows.  The
+// input channels are cut into blocks whose products take about
+// `block_bytes` (for tiles of up to `positions` pixels: larger ones keep as
+// many channels, so that the GEMMs' inner dimension does not shrink).
+//
+// Given `out_channels` (the forward), maps too small to give every thread a
+// tile are split in two parts: each tile's GEMMs read the whole weight, so
+// two threads sharing a tile's products, each forming them, beat two
+// half-sized tiles.
 struct ShiftGeometry {
   int64_t n, c, h, w, ho, wo, s, dist, parts, tiles, min_rows, max_rows,
       channels, blocks;
@@ -48,7 +53,7 @@ struct ShiftGeometry {
 
   ShiftGeometry(const at::Tensor& x, int64_t distance, int64_t stride,
                 int64_t positions, int64_t block_bytes,
-                int64_t output_parts = 1) {
+                int64_t out_channels = 0) {
     n = x.size(0);
     c = x.size(1);
     h = x.size(2);
@@ -57,8 +62,11 @@ struct ShiftGeometry {
     wo = (w + stride - 1) / stride;
     s = stride;
     dist = distance;
-    parts = output_parts;
     const int64_t threads = std::max(at::get_num_threads(), 1);
+    parts = threads > 1 && n * ho * wo < threads * positions &&
+                    out_channels >= 32
+                ? 2
+                : 1;
     tiles = std::max<int64_t>(1, ho * wo / positions);
     // Every thread gets the same number of units (a thread with one more
     // would finish last by a whole unit).
@@ -298,20 +306,6 @@ at::Tensor scratch(int slot, int64_t count, const at::TensorOptions& options) {
   return at::from_blob(buffer.data(), {count}, options);
 }
 
-// The forward splits the output channels in two when the maps are too
-// small to give every thread a tile of `positions` pixels: each tile's
-// GEMMs read the whole weight, so two threads sharing a tile's products
-// (each forming them) beat two half-sized tiles.
-int64_t output_parts(const at::Tensor& x, const at::Tensor& weight,
-                     int64_t stride, int64_t positions) {
-  const int64_t threads = std::max(at::get_num_threads(), 1);
-  const int64_t pixels = x.size(0) * ((x.size(2) + stride - 1) / stride) *
-                         ((x.size(3) + stride - 1) / stride);
-  return threads > 1 && pixels < threads * positions && weight.size(0) >= 32
-             ? 2
-             : 1;
-}
-
 void check_shift_inputs(const at::Tensor& x, const at::Tensor& weight,
                         int64_t distance, int64_t stride,
                         int64_t tile_positions, int64_t block_bytes) {
@@ -387,7 +381,7 @@ at::Tensor pixel_shift_forward(const at::Tensor& x_in,
   check_shift_inputs(x, weight, distance, stride, tile_positions,
                      block_bytes);
   const ShiftGeometry g(x, distance, stride, tile_positions, block_bytes,
-                        output_parts(x, weight, stride, tile_positions));
+                        weight.size(0));
   const bool accumulate = base.has_value();
   at::Tensor out;
   if (accumulate) {
