@@ -55,8 +55,8 @@ print("torch", torch.__version__, "triton", triton.__version__)
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")
 '
 run tests "$PYTHON" -m pytest -q -p no:cacheprovider \
-    tests/test_local_attention_triton.py tests/test_local_attention.py \
-    tests/test_autocast.py -k "cuda or half_precision"
+    tests/test_ops/test_local_attention_triton.py tests/test_ops/test_local_attention.py \
+    tests/test_ops/test_autocast.py -k "cuda or half_precision"
 run sdpa_backends "$PYTHON" - <<'EOF'
 # Which fused backends accept ACmix-Swin-T's window attention (4-d inputs
 # and an additive bias), forward + backward under float16 autocast.

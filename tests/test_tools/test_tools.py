@@ -28,7 +28,7 @@ import torch
 from mmacmix.apis.hooks import AtomicCheckpointHook, iteration_seed
 from mmacmix.datasets import ShapesSpec, generate_shapes_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / 'configs' / 'demo' / 'mask-rcnn_acmix-r26_fpn_shapes.py'
 SMALL = ShapesSpec(
     num_train=8, num_val=2, image_size=(64, 64), max_instances=3, seed=1

@@ -9,7 +9,7 @@ import torch
 
 from mmacmix.models import ACmixResNet, convert_acmix_resnet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONVERTER = REPO / 'tools/model_converters/acmix_resnet2mmacmix.py'
 
 

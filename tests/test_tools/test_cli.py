@@ -29,7 +29,7 @@ from mmacmix.demo.__main__ import main as demo_main
 from mmacmix.fileio import check_destination, check_folder
 from mmacmix.models import ACmixSwinTransformer, XVolutionResNet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / 'configs/demo/mask-rcnn_acmix-r26_fpn_shapes.py'
 TINY_SWIN = dict(embed_dims=12, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1))
 

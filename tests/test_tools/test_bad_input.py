@@ -21,7 +21,7 @@ from mmacmix.registry import MODELS
 
 xvolution = pytest.importorskip('mmacmix.models.xvolution')
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONVERTERS = REPO / 'tools/model_converters'
 ACMIX_RESNET_CLI = CONVERTERS / 'acmix_resnet2mmacmix.py'
 ACMIX_SWIN_CLI = CONVERTERS / 'acmix_swin2mmacmix.py'

@@ -25,7 +25,7 @@ from mmengine.registry import init_default_scope
 
 from mmacmix.datasets import SHAPE_CLASSES
 
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / 'configs'
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / 'configs'
 CONFIGS = sorted(
     p for p in CONFIG_ROOT.rglob('*.py') if '_base_' not in p.parts
 )

@@ -21,7 +21,7 @@ from mmacmix.checkpoint import read_checkpoint, state_dict_of
 from mmacmix.models import convert_acmix_swin
 from mmacmix.registry import MODELS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SWIN_CONVERTER = REPO / 'tools/model_converters/acmix_swin2mmacmix.py'
 CONFIG_ROOT = REPO / 'configs'
 

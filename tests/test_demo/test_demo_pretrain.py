@@ -34,7 +34,7 @@ from mmacmix.demo.pipeline import _replace_prefix
 from mmacmix.demo.pretrain import pretrain_config
 from mmacmix.models import ACmix
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSIFIER_CONFIG = REPO / 'configs/demo/acmix-r26_shapes-cls.py'
 ACMIX_CONFIG = REPO / 'configs/demo/mask-rcnn_acmix-r26_fpn_shapes.py'
 PLAIN_CONFIG = REPO / 'configs/demo/mask-rcnn_r26_fpn_shapes.py'

@@ -15,7 +15,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # What setup.py ships in mmacmix/.mim/, by folder of the checkout.
 MIM_FILES = {'configs': ('*.py',), 'tools': ('*.py', '*.sh')}
 NOT_SOURCE = shutil.ignore_patterns(

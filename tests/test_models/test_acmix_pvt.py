@@ -36,7 +36,7 @@ RELEASED = dict(
     embed_dims=(64, 128, 320, 512), depths=(2, 1, 1, 1), num_heads=(1, 2, 5, 8)
 )
 CONVERTER = (
-    Path(__file__).resolve().parents[1] / 'tools/model_converters/pvt2acmix.py'
+    Path(__file__).resolve().parents[2] / 'tools/model_converters/pvt2acmix.py'
 )
 ACMIX_SUFFIXES = ('fc.weight', 'fc.bias', 'dep_conv.weight', 'rate1', 'rate2')
 

@@ -21,7 +21,7 @@ from mmacmix.models import (
 from mmacmix.models import xvolution as xvolution_module
 from mmacmix.models.xvolution import pixel_shift_attention, shift_products
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONVERTER = REPO / 'tools/model_converters/resnet2xvolution.py'
 CONFIGS = REPO / 'configs/xvolution_resnet'
 TRAINING_KEYS = {

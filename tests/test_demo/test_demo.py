@@ -11,7 +11,7 @@ import cv2
 
 from mmacmix.demo.pipeline import _replace_prefix, _rescale_schedule
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_demo_writes_metrics_and_pictures(tmp_path):

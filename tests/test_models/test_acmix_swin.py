@@ -21,7 +21,7 @@ from mmacmix.cli import convert_cli
 from mmacmix.models import ACmixSwinTransformer, convert_acmix_swin
 from mmacmix.registry import MODELS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONVERTER = REPO / 'tools/model_converters/acmix_swin2mmacmix.py'
 SMALL = dict(embed_dims=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
 
