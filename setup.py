@@ -114,6 +114,7 @@ setup(
             'onnxruntime',
             'ruff',
         ],
+        'docs': ['sphinx>=7.2,<9', 'myst-parser>=3,<5'],
     },
     keywords='computer vision, object detection, segmentation, acmix',
     classifiers=[

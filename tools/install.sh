@@ -43,5 +43,5 @@ if [ -z "$wheel" ]; then
 fi
 
 pip install -q "$wheel"
-pip install -q --no-build-isolation -e '.[all,tests]'
+pip install -q --no-build-isolation -e '.[all,tests,docs]'
 "$venv/bin/python" -c 'import mmacmix, mmcv.ops, mmdet, mmseg; print("mmacmix", mmacmix.__version__, "ready in", "'"$venv"'")'
