@@ -62,12 +62,20 @@ def extensions() -> dict:
     elif sys.platform == 'darwin':  # Apple clang has no -fopenmp
         compile_args, link_args = ['-O3'], []
     else:
-        compile_args, link_args = ['-O3', '-fopenmp'], ['-fopenmp']
+        # -Wno-psabi: the kernels pass wide vector types between inlined
+        # helpers only, never across an ABI boundary.
+        compile_args = ['-O3', '-fopenmp', '-Wno-psabi']
+        link_args = ['-fopenmp']
     extension = CppExtension(
         'mmacmix.ops._ext',
         [
             f'mmacmix/ops/csrc/{name}.cpp'
-            for name in ('bindings', 'local_attention', 'pixel_shift')
+            for name in (
+                'bindings',
+                'cpu_isa',
+                'local_attention',
+                'pixel_shift',
+            )
         ],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

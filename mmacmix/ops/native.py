@@ -1,5 +1,17 @@
 """The compiled CPU kernels, ``mmacmix.ops._ext``, or None where mmacmix
-was installed without them (then ``IMPORT_ERROR`` says why)."""
+was installed without them (then ``IMPORT_ERROR`` says why).
+
+The local-attention kernel is compiled for several instruction sets
+(``avx512``, ``avx2`` and the compiler's ``baseline``) and runs the widest
+that the CPU supports.  The environment variable ``MMACMIX_CPU_ISA``
+(``auto``, ``avx512``, ``avx2`` or ``baseline``), read when this module is
+first imported, forces one: for example to measure or test the AVX2 code on
+an AVX-512 machine.  :func:`set_cpu_isa` changes it later in a process.
+"""
+
+import os
+
+CPU_ISA_ENV = 'MMACMIX_CPU_ISA'
 
 try:
     from . import _ext as ext
@@ -8,3 +20,44 @@ except ImportError as error:  # built without the extension
     IMPORT_ERROR: ImportError | None = error
 else:
     IMPORT_ERROR = None
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the compiled local attention runs
+    (``avx512``, ``avx2`` or ``baseline``), None without the extension."""
+    return None if ext is None else ext.cpu_isa()
+
+
+def supported_cpu_isas() -> list[str]:
+    """The instruction sets this build and CPU can run, narrowest first
+    (empty without the extension)."""
+    return [] if ext is None else list(ext.supported_cpu_isas())
+
+
+def set_cpu_isa(name: str) -> str:
+    """Makes the compiled local attention run the instruction set ``name``.
+
+    Args:
+        name (str): ``auto`` (the widest supported), ``avx512``, ``avx2``
+            or ``baseline``.
+
+    Returns:
+        str: The instruction set now in use.
+
+    Raises:
+        RuntimeError: Without the compiled extension.
+        ValueError: For an unknown name, or one this CPU or build cannot
+            run (the message lists those it can).
+    """
+    if ext is None:
+        raise RuntimeError(
+            f'mmacmix was built without its compiled kernels ({IMPORT_ERROR})'
+        )
+    return ext.set_cpu_isa(name)
+
+
+if ext is not None and os.environ.get(CPU_ISA_ENV):
+    try:
+        set_cpu_isa(os.environ[CPU_ISA_ENV].strip().lower())
+    except ValueError as error:
+        raise ValueError(f'{CPU_ISA_ENV}: {error}') from None

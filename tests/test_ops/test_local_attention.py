@@ -10,6 +10,8 @@ kernel is not built (the Triton kernels: test_local_attention_triton.py).
 import importlib
 import math
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -134,8 +136,9 @@ def test_matches_unfold_reference(impl, dtype, stride, n, d, hw):
     ids=['wide-rows', 'narrow-rows', 'uneven-rows'],
 )
 def test_long_rows(impl, stride, hw):
-    # The kernel sums columns in blocks of 64 (float32) / 32 (float64) and
-    # 16 / 8 entries; these widths cover full, moved-back and short blocks.
+    # The kernel sums columns in blocks of four vectors and of one (at
+    # AVX-512, 64 and 16 float32 or 32 and 8 float64); these widths cover
+    # full, moved-back and short blocks.
     for dtype in (torch.float64, torch.float32):
         assert_close_to_reference(impl, 2, 5, *hw, stride, dtype=dtype)
 
@@ -313,6 +316,153 @@ def test_ci_has_the_compiled_kernel():
     # setup.py lets a failed build pass (users still get the loop); CI must
     # not, or the native tests above would all be skipped.
     assert module.native_available(), module._EXT_ERROR
+
+
+native = importlib.import_module('mmacmix.ops.native')
+ALL_ISAS = ('baseline', 'avx2', 'avx512')
+ISAS = [
+    pytest.param(
+        isa,
+        marks=pytest.mark.skipif(
+            isa not in native.supported_cpu_isas(),
+            reason=f'this CPU or build cannot run {isa}',
+        ),
+    )
+    for isa in ALL_ISAS
+]
+# Cases for each instruction set: column blocks full, moved back and short
+# at every vector width, strides 1-3, several kernel sizes, and maps smaller
+# than the window.
+ISA_CASES = [
+    # n, d, (h, w), stride, kernel_size
+    (1, 3, (9, 11), 1, 7),
+    (3, 16, (12, 10), 2, 7),
+    (2, 5, (5, 150), 1, 7),
+    (2, 5, (4, 67), 2, 7),
+    (2, 5, (6, 21), 1, 7),
+    (2, 4, (11, 13), 3, 5),
+    (2, 4, (11, 13), 1, 3),
+    (2, 3, (2, 3), 1, 7),
+    (2, 3, (1, 8), 2, 7),
+]
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """Runs the compiled kernel on the instruction set of the test's
+    parameter, then restores the default."""
+    assert native.set_cpu_isa(request.param) == request.param
+    yield request.param
+    native.set_cpu_isa('auto')
+
+
+@pytest.mark.parametrize('cpu_isa', ISAS, indirect=True)
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_every_instruction_set_matches_reference(cpu_isa, dtype):
+    for n, d, hw, stride, kernel_size in ISA_CASES:
+        assert native.cpu_isa() == cpu_isa
+        h, w = hw
+        pad = 'reflect' if kernel_size // 2 < min(h, w) else 'index'
+        assert_close_to_reference(
+            'native', n, d, h, w, stride, kernel_size, dtype=dtype, pad=pad
+        )
+
+
+@pytest.mark.skipif(not native.supported_cpu_isas(), reason='not built')
+def test_instruction_sets_agree_in_float32():
+    # The float32 exp is vectorised per instruction set: all variants give
+    # the same attention to within float32 rounding.
+    q, k, v, grad = make_inputs(2, 16, 9, 70, 1, torch.float32)
+    results = {}
+    for isa in native.supported_cpu_isas():
+        native.set_cpu_isa(isa)
+        results[isa] = outputs_and_grads(
+            lambda *x: local_attention(*x, impl='native'), q, k, v, grad
+        )
+    native.set_cpu_isa('auto')
+    first, *others = results.values()
+    for other in others:
+        for a, b in zip(first, other):
+            assert (a - b).abs().max().item() < 1e-5
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open('/proc/cpuinfo') as info:
+            for line in info:
+                if line.startswith('flags'):
+                    return set(line.split(':', 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.skipif(not native.supported_cpu_isas(), reason='not built')
+def test_builds_every_instruction_set_the_cpu_has():
+    # A build that lost a variant would silently skip its tests above.
+    flags = cpu_flags()
+    supported = native.supported_cpu_isas()
+    assert supported[0] == 'baseline'
+    if {'avx2', 'fma'} <= flags:
+        assert 'avx2' in supported
+    if {'avx512f', 'avx512bw', 'avx512dq', 'avx512vl'} <= flags:
+        assert 'avx512' in supported
+    assert native.cpu_isa() == supported[-1]
+
+
+@pytest.mark.skipif(not native.supported_cpu_isas(), reason='not built')
+def test_set_cpu_isa_rejects_unknown_and_unsupported_names():
+    with pytest.raises(ValueError) as info:
+        native.set_cpu_isa('sse9')
+    assert str(info.value) == (
+        "unknown instruction set 'sse9': expected auto, avx512, avx2 or "
+        'baseline'
+    )
+    missing = [
+        isa for isa in ALL_ISAS if isa not in native.supported_cpu_isas()
+    ]
+    for isa in missing:
+        with pytest.raises(ValueError, match='supported: baseline'):
+            native.set_cpu_isa(isa)
+    assert native.cpu_isa() == native.supported_cpu_isas()[-1]
+
+
+@pytest.mark.skipif(not native.supported_cpu_isas(), reason='not built')
+@pytest.mark.parametrize(
+    'value, expected',
+    [('baseline', 'baseline'), (' AVX2 ', 'avx2'), ('auto', None)],
+)
+def test_environment_variable_picks_the_instruction_set(value, expected):
+    if expected is not None and expected not in native.supported_cpu_isas():
+        pytest.skip(f'this CPU or build cannot run {expected}')
+    expected = expected or native.supported_cpu_isas()[-1]
+    result = subprocess.run(
+        [
+            sys.executable,
+            '-c',
+            'from mmacmix.ops import native; print(native.cpu_isa())',
+        ],
+        env={**os.environ, native.CPU_ISA_ENV: value},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+@pytest.mark.skipif(not native.supported_cpu_isas(), reason='not built')
+def test_environment_variable_with_a_bad_value_fails_at_import():
+    result = subprocess.run(
+        [sys.executable, '-c', 'import mmacmix.ops'],
+        env={**os.environ, native.CPU_ISA_ENV: 'neon'},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ValueError: MMACMIX_CPU_ISA: unknown instruction set 'neon': "
+        'expected auto, avx512, avx2 or baseline'
+    )
 
 
 def test_onnx_export_serves_any_size(tmp_path):

@@ -28,6 +28,17 @@ whole ACmix-PVT attentions at the four stage sizes of PVT-T at 512 x 512
 of the compiled CPU kernel against another build of it (an ``_ext*.so``
 from another commit), in turns in one process.
 
+``--tables isas`` times the attention on each instruction set the compiled
+kernel can run here (``avx512``, ``avx2``, ``baseline``) against the 3x3
+convolution, all in turns in one process.  The header names the CPU, the
+instruction set the kernel ran (``--cpu-isa`` or ``MMACMIX_CPU_ISA`` force
+one), the one PyTorch's own kernels ran, the threads and torch's version.
+To measure on an AVX-512 machine what an AVX2-only one would see, restrict
+PyTorch, oneDNN and MKL too (each read at start-up)::
+
+    MMACMIX_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+    MKL_ENABLE_INSTRUCTIONS=AVX2 python tools/analysis/benchmark_ops.py
+
 A third table times X-volution against the 3x3 convolution, all cases
 taking turns at each shape (see :func:`xvolution_row`): in eval mode, the
 forward pass of the training form (``xvolution``: convolution and PSSA
@@ -72,15 +83,17 @@ Usage::
         [--tables acmix attention xvolution]
         [--backbone [resnet swin san pvt]]
         [--autocast none|float16|bfloat16] [--batch N] [--repeats N]
-        [--warmup N]
+        [--warmup N] [--cpu-isa auto|avx512|avx2|baseline]
 """
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.util
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -102,7 +115,7 @@ from mmacmix.models import (
 from mmacmix.models import acmix as acmix_module
 from mmacmix.models.acmix_pvt import ACmixSRAttention
 from mmacmix.models.resnet import Bottleneck, PluggableResNet
-from mmacmix.ops import local_attention, native_available, triton_available
+from mmacmix.ops import local_attention, native, triton_available
 
 # Stage sizes (channels, height, width) of an 800 x 1216 input: strides 4,
 # 8, 16, 32; the batch comes from --batch.
@@ -139,6 +152,9 @@ TABLES = {
     # Needs --other-build: this build of the CPU kernel against another.
     'builds': ('attention-other-build', 'attention'),
     'pvt-conv-path': ('sra-factorised', 'sra-fused'),
+    # Filled in by main(): the conv and the attention on each instruction
+    # set the kernel can run.
+    'isas': (),
 }
 TABLE_STAGES = {'pvt-conv-path': PVT_STAGES}
 
@@ -200,8 +216,12 @@ class OtherBuild(torch.autograd.Function):
 
     @staticmethod
     def load(path: str) -> None:
-        # The module name must stay `_ext`: it names the init function.
-        spec = importlib.util.spec_from_file_location('_ext', path)
+        # The last part of the name must stay `_ext` (it names the init
+        # function); the package part keeps Python from handing back the
+        # already imported mmacmix.ops._ext.
+        spec = importlib.util.spec_from_file_location(
+            'mmacmix_other_build._ext', path
+        )
         OtherBuild.ext = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(OtherBuild.ext)
 
@@ -235,6 +255,16 @@ class AttentionOnly(nn.Module):
         t = x.reshape(b * self.heads, c // self.heads, h, w)
         out = self.function(t * (c // self.heads) ** -0.5, t, t)
         return out.reshape(b, c, h, w)
+
+
+def attention_on_isa(q: Tensor, k: Tensor, v: Tensor, *, isa: str) -> Tensor:
+    """The compiled local attention on instruction set ``isa``: set before
+    the forward pass and again, through a hook, before the backward."""
+    native.set_cpu_isa(isa)
+    out = local_attention(q, k, v, impl='native')
+    if out.requires_grad:
+        out.register_hook(lambda grad: native.set_cpu_isa(isa) and None)
+    return out
 
 
 class SRAttentionOnMaps(nn.Module):
@@ -271,6 +301,12 @@ def build_case(
         module = AttentionOnly(local_attention)
     elif case == 'attention-other-build':
         module = AttentionOnly(OtherBuild.apply)
+    elif case.startswith('attention-isa-'):
+        module = AttentionOnly(
+            functools.partial(
+                attention_on_isa, isa=case.removeprefix('attention-isa-')
+            )
+        )
     elif case == 'attention-reference':
         module = AttentionOnly(unfold_attention)
     elif case in ('acmix', 'reference'):
@@ -590,6 +626,101 @@ def xvolution_row(shape: tuple[int, ...], args: argparse.Namespace) -> dict:
     return row
 
 
+def isa_row(shape: tuple[int, ...], args: argparse.Namespace) -> dict:
+    """Times the conv and the attention on each instruction set, in turns."""
+    cases = TABLES['isas']
+    built = {case: build_case(case, shape, args.device) for case in cases}
+    active = native.cpu_isa()
+    try:
+        times = time_in_turns(
+            {
+                case: functools.partial(forward_backward, module, x)
+                for case, (module, x, _) in built.items()
+            },
+            args.device,
+            args.repeats,
+            args.warmup,
+        )
+    finally:
+        native.set_cpu_isa(active)
+    row = {'shape': 'x'.join(map(str, shape)), 'times': times}
+    for case, seconds in times.items():
+        print(f'  {row["shape"]} {case}: {seconds * 1e3:.1f} ms', flush=True)
+    return row
+
+
+def print_isa_table(rows: list[dict]) -> None:
+    """Prints the attention per instruction set (ms) and its ratio to the
+    conv and to the widest instruction set."""
+    base, *cases = TABLES['isas']
+    header = [
+        'shape',
+        *(f'{case} ms' for case in TABLES['isas']),
+        *(f'{case.removeprefix("attention-isa-")}/conv' for case in cases),
+        *(
+            f'{case.removeprefix("attention-isa-")}/'
+            f'{cases[0].removeprefix("attention-isa-")}'
+            for case in cases[1:]
+        ),
+    ]
+    table = [header]
+    for row in rows:
+        t = row['times']
+        table.append(
+            [
+                row['shape'],
+                *(f'{t[case] * 1e3:.1f}' for case in TABLES['isas']),
+                *(ratio(t[case], t[base]) for case in cases),
+                *(ratio(t[case], t[cases[0]]) for case in cases[1:]),
+            ]
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for index, line in enumerate(table):
+        print(' | '.join(cell.rjust(w) for cell, w in zip(line, widths)))
+        if index == 0:
+            print('-+-'.join('-' * w for w in widths))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's."""
+    try:
+        with open('/proc/cpuinfo') as info:
+            for line in info:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def machine_line(device: str) -> str:
+    """CPU (or GPU), the instruction sets the kernels ran, threads, torch."""
+    if device == 'cuda':
+        kernel = f'Triton kernels: {triton_available("cuda")}'
+        where = torch.cuda.get_device_name()
+    else:
+        isa, supported = native.cpu_isa(), native.supported_cpu_isas()
+        kernel = (
+            f'compiled kernel on {isa} (of {", ".join(supported)})'
+            if isa
+            else 'compiled kernel missing (PyTorch loop)'
+        )
+        where = cpu_model()
+    restricted = ', '.join(
+        f'{name}={os.environ[name]}'
+        for name in ('ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS')
+        if os.environ.get(name)
+    )
+    return (
+        f'{where}; local attention: {kernel}; PyTorch CPU kernels: '
+        f'{torch.backends.cpu.get_cpu_capability()}'
+        f'{f" ({restricted})" if restricted else ""}; '
+        f'{torch.get_num_threads()} threads; torch {torch.__version__}'
+    )
+
+
 def print_xvolution_table(rows: list[dict]) -> None:
     """Prints the X-volution times (ms) and their ratios to the conv."""
     header = [
@@ -685,6 +816,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="for --tables builds: another build's mmacmix/ops/_ext*.so, "
         'timed against this one',
     )
+    parser.add_argument(
+        '--cpu-isa',
+        choices=['auto', 'avx512', 'avx2', 'baseline'],
+        help='instruction set of the compiled local attention (default: '
+        'MMACMIX_CPU_ISA, else the widest the CPU supports)',
+    )
     parser.add_argument('--child-memory', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     on_cuda = args.device == 'cuda'
@@ -712,6 +849,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.other_build:
         OtherBuild.load(args.other_build)
+    if args.cpu_isa:
+        try:
+            native.set_cpu_isa(args.cpu_isa)
+        except (RuntimeError, ValueError) as error:
+            sys.exit(f'--cpu-isa {args.cpu_isa}: {error}')
+    TABLES['isas'] = (
+        'conv',
+        *(f'attention-isa-{isa}' for isa in native.supported_cpu_isas()[::-1]),
+    )
     if args.child_memory:
         spec = json.loads(args.child_memory)
         value = measure_memory_here(
@@ -723,18 +869,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({'mib': value}))
         return
 
-    kernel = {
-        'cpu': f'compiled C++: {native_available()}',
-        'cuda': f'Triton: {triton_available("cuda")}',
-    }[args.device]
-    device_name = (
-        torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'
-    )
+    print(machine_line(args.device))
     print(
-        f'torch {torch.__version__}, {device_name}, '
-        f'{torch.get_num_threads()} threads, local attention kernel '
-        f'{kernel}; autocast {args.autocast}; median of {args.repeats} '
-        f'forward+backward after {args.warmup} warm-up',
+        f'autocast {args.autocast}; median of {args.repeats} '
+        f'forward+backward after {args.warmup} warm-up, cases in turns',
         flush=True,
     )
     shapes = [(args.batch, *stage) for stage in STAGES]
@@ -744,6 +882,8 @@ def main(argv: list[str] | None = None) -> None:
         print()
         if name == 'xvolution':
             print_xvolution_table([xvolution_row(s, args) for s in shapes])
+        elif name == 'isas':
+            print_isa_table([isa_row(s, args) for s in shapes])
         else:
             table_shapes = shapes
             if name in TABLE_STAGES:

@@ -11,6 +11,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(grad_q, grad_k, grad_v) from grad_out and the forward's lse",
         py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("lse"), py::arg("kernel_size"), py::arg("stride"));
+  m.def(
+      "cpu_isa", [] { return mmacmix::cpu_isa_name(mmacmix::active_cpu_isa()); },
+      "instruction set the local-attention kernel runs: avx512, avx2 or "
+      "baseline");
+  m.def("supported_cpu_isas", &mmacmix::supported_cpu_isas,
+        "instruction sets this build and CPU can run, narrowest first");
+  m.def("set_cpu_isa", &mmacmix::set_cpu_isa,
+        "selects the local-attention kernel's instruction set (auto: the "
+        "widest supported); returns the one now active",
+        py::arg("name"));
   m.def("pixel_shift_forward", &mmacmix::pixel_shift_forward,
         "weight @ shift products of x (added onto base when given)",
         py::arg("x"), py::arg("weight"), py::arg("base"),

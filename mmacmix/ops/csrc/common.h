@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 // The hot loops are compiled for several instruction sets and one is picked
@@ -16,6 +17,20 @@
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MMACMIX_CLONES
+#endif
+
+// The local-attention kernel is compiled once per instruction set below and
+// picked at run time (cpu_isa.cpp), so that MMACMIX_CPU_ISA can force a
+// narrower one for testing and measuring.  Each variant asks only for the
+// features it uses (not a whole x86-64-v3/v4 level, which also needs MOVBE,
+// XSAVE, ... that some virtual machines hide).
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define MMACMIX_X86_TARGETS 1
+#define MMACMIX_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define MMACMIX_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+#else
+#define MMACMIX_X86_TARGETS 0
 #endif
 
 // Everything a clone calls must be inlined into it: an out-of-line copy
@@ -31,6 +46,22 @@
 #endif
 
 namespace mmacmix {
+
+// Instruction sets of the local-attention kernel, narrowest first.
+// kBaseline is the compiler's default target (SSE2 on x86-64).
+enum class CpuIsa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The one the kernels run: the widest this CPU and build support, or the
+// one set_cpu_isa chose.
+CpuIsa active_cpu_isa();
+// "baseline", "avx2" or "avx512".
+const char* cpu_isa_name(CpuIsa isa);
+// Names of the instruction sets this build and CPU can run, narrowest first.
+std::vector<std::string> supported_cpu_isas();
+// Selects an instruction set by name ("auto": the widest supported);
+// returns the name of the one now active.  Throws std::invalid_argument,
+// with what is accepted, for an unknown or unsupported name.
+std::string set_cpu_isa(const std::string& name);
 
 // ACmix's sliding-window local attention (local_attention.cpp).
 std::vector<at::Tensor> local_attention_forward(const at::Tensor& q,

@@ -138,14 +138,17 @@ struct PaddedRing {
   }
 };
 
-// Column blocks are summed in GCC/clang vector types of 64 bytes (one
-// AVX-512 register, two AVX2 or four SSE ones): the sums stay in registers
-// in every clone and the output is stored once, not once per term.
+// Column blocks are summed in GCC/clang vector types of B bytes, the
+// register width of the instruction set a variant is compiled for (64 for
+// AVX-512, 32 for AVX2, 16 for the baseline): the sums stay in registers
+// and the output is stored once, not once per term.  Wider types than the
+// registers would be split into several and, with the accumulators of a
+// wide block, spill.
 #if defined(__GNUC__)
 #define MMACMIX_VECTOR_TYPES 1
-template <typename T>
-struct Vec64 {
-  typedef T type __attribute__((vector_size(64)));
+template <typename T, int B>
+struct VecOf {
+  typedef T type __attribute__((vector_size(B)));
 };
 
 template <typename V, typename T>
@@ -163,17 +166,13 @@ MMACMIX_INLINE void store_vec(T* p, const V& v) {
 #define MMACMIX_VECTOR_TYPES 0
 #endif
 
-// Widths of the column blocks: four and one 64-byte vectors.
-template <typename T>
-constexpr int64_t wide_block() {
-  return 256 / sizeof(T);
-}
-template <typename T>
-constexpr int64_t narrow_block() {
-  return 64 / sizeof(T);
-}
-template <int64_t kWidth>
-using Width = std::integral_constant<int64_t, kWidth>;
+// A block of kVecs vectors of B bytes; it converts to its width in
+// columns, which is what the scalar versions take.
+template <typename T, int kVecs, int B>
+struct Block {
+  static constexpr int64_t kWidth = kVecs * B / static_cast<int>(sizeof(T));
+  constexpr operator int64_t() const { return kWidth; }
+};
 
 // y[j] = sum_e a[a_at(e) + j] * b[b_at(e) + j] for j < len.  The generic
 // version, for short remainders.
@@ -193,14 +192,14 @@ MMACMIX_INLINE void sum_products(T* MMACMIX_RESTRICT y,
 }
 
 #if MMACMIX_VECTOR_TYPES
-template <typename T, typename OffsetA, typename OffsetB>
+template <typename T, int B, typename OffsetA, typename OffsetB>
 MMACMIX_INLINE void sum_products(T* MMACMIX_RESTRICT y,
                                  const T* MMACMIX_RESTRICT a,
                                  const OffsetA& a_at,
                                  const T* MMACMIX_RESTRICT b,
                                  const OffsetB& b_at, int64_t terms,
-                                 Width<wide_block<T>()>) {
-  using V = typename Vec64<T>::type;
+                                 Block<T, 4, B>) {
+  using V = typename VecOf<T, B>::type;
   constexpr int64_t kLanes = sizeof(V) / sizeof(T);
   V acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
   for (int64_t e = 0; e < terms; ++e) {
@@ -217,14 +216,14 @@ MMACMIX_INLINE void sum_products(T* MMACMIX_RESTRICT y,
   store_vec(y + 3 * kLanes, acc3);
 }
 
-template <typename T, typename OffsetA, typename OffsetB>
+template <typename T, int B, typename OffsetA, typename OffsetB>
 MMACMIX_INLINE void sum_products(T* MMACMIX_RESTRICT y,
                                  const T* MMACMIX_RESTRICT a,
                                  const OffsetA& a_at,
                                  const T* MMACMIX_RESTRICT b,
                                  const OffsetB& b_at, int64_t terms,
-                                 Width<narrow_block<T>()>) {
-  using V = typename Vec64<T>::type;
+                                 Block<T, 1, B>) {
+  using V = typename VecOf<T, B>::type;
   // Two chains, so that consecutive terms do not wait on each other.
   V acc0 = {}, acc1 = {};
   int64_t e = 0;
@@ -250,14 +249,14 @@ MMACMIX_INLINE void sum_products2(T* y1, const T* a1, const T* b1, T* y2,
 }
 
 #if MMACMIX_VECTOR_TYPES
-template <typename T, typename OffsetA, typename OffsetB>
+template <typename T, int B, typename OffsetA, typename OffsetB>
 MMACMIX_INLINE void sum_products2(T* y1, const T* MMACMIX_RESTRICT a1,
                                   const T* MMACMIX_RESTRICT b1, T* y2,
                                   const T* MMACMIX_RESTRICT a2,
                                   const T* MMACMIX_RESTRICT b2,
                                   const OffsetA& a_at, const OffsetB& b_at,
-                                  int64_t terms, Width<wide_block<T>()>) {
-  using V = typename Vec64<T>::type;
+                                  int64_t terms, Block<T, 4, B>) {
+  using V = typename VecOf<T, B>::type;
   constexpr int64_t kLanes = sizeof(V) / sizeof(T);
   V p0 = {}, p1 = {}, p2 = {}, p3 = {}, r0 = {}, r1 = {}, r2 = {}, r3 = {};
   for (int64_t e = 0; e < terms; ++e) {
@@ -284,23 +283,26 @@ MMACMIX_INLINE void sum_products2(T* y1, const T* MMACMIX_RESTRICT a1,
 #endif
 
 // Calls fn(j0, width) over column blocks covering [0, len), width being a
-// Width<> wherever the row is long enough.  A last partial block is moved
-// back to end at len: it recomputes a few columns (same values; every
-// caller overwrites) instead of running a slow remainder loop.
-template <typename T, typename Fn>
+// Block<> of B-byte vectors wherever the row is long enough.  A last
+// partial block is moved back to end at len: it recomputes a few columns
+// (same values; every caller overwrites) instead of running a slow
+// remainder loop.
+template <typename T, int B, typename Fn>
 MMACMIX_INLINE void for_column_blocks(int64_t len, const Fn& fn) {
-  constexpr int64_t kWide = wide_block<T>(), kNarrow = narrow_block<T>();
+  using Wide = Block<T, 4, B>;
+  using Narrow = Block<T, 1, B>;
+  constexpr int64_t kWide = Wide::kWidth, kNarrow = Narrow::kWidth;
   int64_t j0 = 0;
-  for (; j0 + kWide <= len; j0 += kWide) fn(j0, Width<kWide>());
+  for (; j0 + kWide <= len; j0 += kWide) fn(j0, Wide());
   if (j0 == len) return;
   if (len >= kWide) {
-    fn(len - kWide, Width<kWide>());
+    fn(len - kWide, Wide());
     return;
   }
-  for (; j0 + kNarrow <= len; j0 += kNarrow) fn(j0, Width<kNarrow>());
+  for (; j0 + kNarrow <= len; j0 += kNarrow) fn(j0, Narrow());
   if (j0 == len) return;
   if (len >= kNarrow) {
-    fn(len - kNarrow, Width<kNarrow>());
+    fn(len - kNarrow, Narrow());
   } else {
     fn(j0, len - j0);
   }
@@ -308,13 +310,13 @@ MMACMIX_INLINE void for_column_blocks(int64_t len, const Fn& fn) {
 
 // logits[t * stride + j] = sum_d x[d * x_plane + j] * xp[d * xp_plane +
 // offsets[t] + j] for one output row.
-template <typename T>
+template <typename T, int B>
 MMACMIX_INLINE void row_logits(const T* x, int64_t x_plane, const T* xp,
                                int64_t xp_plane, const int64_t* offsets,
                                T* logits, int64_t stride, const Geometry& g) {
   for (int64_t t = 0; t < g.kk; ++t) {
     const int64_t off = offsets[t];
-    for_column_blocks<T>(g.wo, [&](int64_t j0, auto width) MMACMIX_LAMBDA {
+    for_column_blocks<T, B>(g.wo, [&](int64_t j0, auto width) MMACMIX_LAMBDA {
       sum_products(
           logits + t * stride + j0, x + j0,
           [=](int64_t d) MMACMIX_LAMBDA { return d * x_plane; }, xp + j0,
@@ -326,11 +328,11 @@ MMACMIX_INLINE void row_logits(const T* x, int64_t x_plane, const T* xp,
 
 // out[d * out_plane + j] = sum_t weights[t * stride + j]
 //                          * xp[d * xp_plane + offsets[t] + j] for one row.
-template <typename T>
+template <typename T, int B>
 MMACMIX_INLINE void row_mix(const T* weights, int64_t stride, const T* xp,
                             int64_t xp_plane, const int64_t* offsets, T* out,
                             int64_t out_plane, const Geometry& g) {
-  for_column_blocks<T>(g.wo, [&](int64_t j0, auto width) MMACMIX_LAMBDA {
+  for_column_blocks<T, B>(g.wo, [&](int64_t j0, auto width) MMACMIX_LAMBDA {
     for (int64_t d = 0; d < g.d; ++d) {
       sum_products(
           out + d * out_plane + j0, weights + j0,
@@ -364,6 +366,109 @@ MMACMIX_INLINE float exp_nonpositive(float x) {
 
 MMACMIX_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
+#if MMACMIX_VECTOR_TYPES
+// exp_nonpositive of a vector of floats, written out: GCC leaves the
+// scalar version unvectorised in the AVX2 variant (a libm-speed loop).
+template <typename V>
+MMACMIX_INLINE V exp_nonpositive_vec(V x) {
+  typedef int32_t IV __attribute__((vector_size(sizeof(V))));
+  const V lowest = V{} - 87.0f;
+  x = x < lowest ? lowest : x;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const IV bits = (__builtin_convertvector(n, IV) + 127) << 23;
+  return p * (V)bits;
+}
+#endif
+
+// Softmax over t, in place, of columns [j_begin, j_end) of logits[t *
+// stride + j] (kk rows), and their log-sum-exp, one column at a time.
+template <typename T>
+MMACMIX_INLINE void softmax_columns_scalar(T* logits, int64_t stride,
+                                           int64_t kk, int64_t j_begin,
+                                           int64_t j_end, T* lse) {
+  for (int64_t j = j_begin; j < j_end; ++j) {
+    T* col = logits + j;
+    T peak = col[0];
+    for (int64_t t = 1; t < kk; ++t) {
+      peak = col[t * stride] > peak ? col[t * stride] : peak;
+    }
+    T total = 0;
+    for (int64_t t = 0; t < kk; ++t) {
+      col[t * stride] = exp_nonpositive(col[t * stride] - peak);
+      total += col[t * stride];
+    }
+    lse[j] = peak + std::log(total);
+    const T inverse = T(1) / total;
+    for (int64_t t = 0; t < kk; ++t) col[t * stride] *= inverse;
+  }
+}
+
+// The same for columns [0, len), float columns a vector at a time (one
+// lane per column, so no horizontal operations).
+template <typename T, int B>
+MMACMIX_INLINE void softmax_columns(T* logits, int64_t stride, int64_t kk,
+                                    int64_t len, T* lse) {
+  int64_t j0 = 0;
+#if MMACMIX_VECTOR_TYPES
+  if constexpr (std::is_same_v<T, float>) {
+    using V = typename VecOf<float, B>::type;
+    constexpr int64_t kLanes = B / sizeof(float);
+    for (; j0 + kLanes <= len; j0 += kLanes) {
+      float* col = logits + j0;
+      V peak = load_vec<V>(col);
+      for (int64_t t = 1; t < kk; ++t) {
+        const V x = load_vec<V>(col + t * stride);
+        peak = x > peak ? x : peak;
+      }
+      V total = {};
+      for (int64_t t = 0; t < kk; ++t) {
+        const V e = exp_nonpositive_vec(load_vec<V>(col + t * stride) - peak);
+        store_vec(col + t * stride, e);
+        total += e;
+      }
+      const V inverse = 1.0f / total;
+      for (int64_t t = 0; t < kk; ++t) {
+        store_vec(col + t * stride, load_vec<V>(col + t * stride) * inverse);
+      }
+      for (int64_t l = 0; l < kLanes; ++l) {
+        lse[j0 + l] = peak[l] + std::log(total[l]);
+      }
+    }
+  }
+#endif
+  softmax_columns_scalar(logits, stride, kk, j0, len, lse);
+}
+
+// probs[t * stride + j] = exp(logits[t * stride + j] - lse[j]) in place,
+// for t < kk and j < len.
+template <typename T, int B>
+MMACMIX_INLINE void exp_minus(T* logits, int64_t stride, int64_t kk,
+                              int64_t len, const T* lse) {
+  for (int64_t t = 0; t < kk; ++t) {
+    T* row = logits + t * stride;
+    int64_t j = 0;
+#if MMACMIX_VECTOR_TYPES
+    if constexpr (std::is_same_v<T, float>) {
+      using V = typename VecOf<float, B>::type;
+      constexpr int64_t kLanes = B / sizeof(float);
+      for (; j + kLanes <= len; j += kLanes) {
+        store_vec(row + j, exp_nonpositive_vec(load_vec<V>(row + j) -
+                                               load_vec<V>(lse + j)));
+      }
+    }
+#endif
+    for (; j < len; ++j) row[j] = exp_nonpositive(row[j] - lse[j]);
+  }
+}
+
 // What one thread keeps between the rows it runs in one pass.
 template <typename T>
 struct Scratch {
@@ -381,7 +486,7 @@ struct Scratch {
 };
 
 // Forward of output rows [begin, end) of the (n, i) rows.
-template <typename T>
+template <typename T, int B>
 MMACMIX_INLINE void forward_rows(const T* q, T* out, T* lse,
                                  const Geometry& g, Scratch<T>& scratch,
                                  int64_t begin, int64_t end) {
@@ -389,45 +494,19 @@ MMACMIX_INLINE void forward_rows(const T* q, T* out, T* lse,
   PaddedRing<T>& keys = scratch.keys;
   PaddedRing<T>& values = scratch.values;
   std::vector<int64_t>& offsets = scratch.offsets;
-  T* prob = scratch.buffer_of(kk * wo + 2 * wo);
-  T* peak = prob + kk * wo;
-  T* total = peak + wo;
+  T* prob = scratch.buffer_of(kk * wo);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / g.ho, i = r % g.ho;
     const int64_t row_start = n * g.d * plane + i * wo;
     keys.load(n, i);
     values.load(n, i);
     keys.window_offsets(i, offsets.data());
-    row_logits(q + row_start, plane, keys.data.data(), keys.plane(),
+    row_logits<T, B>(q + row_start, plane, keys.data.data(), keys.plane(),
                offsets.data(), prob, wo, g);
 
-    // Softmax over t, one lane per output column.
-    std::copy(prob, prob + wo, peak);
-    for (int64_t t = 1; t < kk; ++t) {
-      const T* p = prob + t * wo;
-      for (int64_t j = 0; j < wo; ++j) {
-        peak[j] = p[j] > peak[j] ? p[j] : peak[j];
-      }
-    }
-    std::fill(total, total + wo, T(0));
-    for (int64_t t = 0; t < kk; ++t) {
-      T* p = prob + t * wo;
-      for (int64_t j = 0; j < wo; ++j) {
-        p[j] = exp_nonpositive(p[j] - peak[j]);
-        total[j] += p[j];
-      }
-    }
-    T* lse_row = lse + r * wo;
-    for (int64_t j = 0; j < wo; ++j) {
-      lse_row[j] = peak[j] + std::log(total[j]);
-      total[j] = T(1) / total[j];
-    }
-    for (int64_t t = 0; t < kk; ++t) {
-      T* p = prob + t * wo;
-      for (int64_t j = 0; j < wo; ++j) p[j] *= total[j];
-    }
+    softmax_columns<T, B>(prob, wo, kk, wo, lse + r * wo);
 
-    row_mix(prob, wo, values.data.data(), values.plane(), offsets.data(),
+    row_mix<T, B>(prob, wo, values.data.data(), values.plane(), offsets.data(),
             out + row_start, plane, g);
   }
 }
@@ -458,7 +537,7 @@ MMACMIX_INLINE void zero_margins(double* row, const Geometry& g) {
 // Backward, first pass, one output row at a time (r indexes the band's
 // (n, i) rows): recomputes the probabilities, turns grad_out into logit
 // gradients, gathers grad_q and fills the band buffers.
-template <typename T>
+template <typename T, int B>
 MMACMIX_INLINE void backward_rows(const T* q, const T* grad_out, const T* lse,
                                   T* grad_q, const Band<T>& band,
                                   const Geometry& g, Scratch<T>& scratch,
@@ -493,20 +572,14 @@ MMACMIX_INLINE void backward_rows(const T* q, const T* grad_out, const T* lse,
     values.load(n, i);
     keys.window_offsets(i, offsets.data());
 
-    row_logits(q + row_start, plane, keys.data.data(), keys.plane(),
+    row_logits<T, B>(q + row_start, plane, keys.data.data(), keys.plane(),
                offsets.data(), prob, len, g);
-    const T* lse_row = lse + (n * g.ho + i) * wo;
-    for (int64_t t = 0; t < kk; ++t) {
-      T* p = prob + t * len;
-      for (int64_t j = 0; j < wo; ++j) {
-        p[j] = exp_nonpositive(p[j] - lse_row[j]);
-      }
-    }
+    exp_minus<T, B>(prob, len, kk, wo, lse + (n * g.ho + i) * wo);
 
     // d(loss)/d(prob_t) = grad_out . v_t, then the softmax Jacobian.
-    row_logits(grad_out + row_start, plane, values.data.data(),
+    row_logits<T, B>(grad_out + row_start, plane, values.data.data(),
                values.plane(), offsets.data(), glog, len, g);
-    for_column_blocks<T>(wo, [&](int64_t j0, auto width) MMACMIX_LAMBDA {
+    for_column_blocks<T, B>(wo, [&](int64_t j0, auto width) MMACMIX_LAMBDA {
       sum_products(
           dots + j0, prob + j0,
           [=](int64_t t) MMACMIX_LAMBDA { return t * len; }, glog + j0,
@@ -518,7 +591,7 @@ MMACMIX_INLINE void backward_rows(const T* q, const T* grad_out, const T* lse,
       for (int64_t j = 0; j < wo; ++j) gl[j] = p[j] * (gl[j] - dots[j]);
     }
 
-    row_mix(glog, len, keys.data.data(), keys.plane(), offsets.data(),
+    row_mix<T, B>(glog, len, keys.data.data(), keys.plane(), offsets.data(),
             grad_q + row_start, plane, g);
   }
 }
@@ -551,7 +624,7 @@ MMACMIX_INLINE void fold_row(const T* padded, T* out, const Geometry& g,
 // probs * grad_out from every window of the band that reads the row.  Each
 // entry of a padded row is gathered in registers from the output columns
 // that read it, then the padded row is folded onto the input columns.
-template <typename T>
+template <typename T, int B>
 MMACMIX_INLINE void scatter_rows(const Band<T>& band, T* grad_k, T* grad_v,
                                  const Geometry& g, const int64_t* cols,
                                  const int64_t* in_rows,
@@ -586,7 +659,7 @@ MMACMIX_INLINE void scatter_rows(const Band<T>& band, T* grad_k, T* grad_v,
       const int64_t* wt = by_weight.data();
       const int64_t* vt = by_value.data();
       const int64_t terms = static_cast<int64_t>(by_weight.size());
-      for_column_blocks<T>(g.wph, [&](int64_t m0, auto width) MMACMIX_LAMBDA {
+      for_column_blocks<T, B>(g.wph, [&](int64_t m0, auto width) MMACMIX_LAMBDA {
         for (int64_t d = 0; d < g.d; ++d) {
           const int64_t at = d * row + ph * g.wph + m0;
           const int64_t plane_at = d * band_plane + m0;
@@ -607,51 +680,86 @@ MMACMIX_INLINE void scatter_rows(const Band<T>& band, T* grad_k, T* grad_v,
   }
 }
 
-// Non-template entry points, one per dtype, carry the clone attribute.
-#define MMACMIX_ENTRY_POINTS(T, SUFFIX)                                      \
-  MMACMIX_CLONES void forward_rows_##SUFFIX(                                 \
-      const T* q, T* out, T* lse, const Geometry& g, Scratch<T>& scratch,    \
-      int64_t begin, int64_t end) {                                          \
-    forward_rows<T>(q, out, lse, g, scratch, begin, end);                    \
+// Non-template entry points, one per dtype and instruction set, each
+// carrying its target attribute (the templates they call are inlined into
+// them, so they compile for that target too).
+#define MMACMIX_ENTRY_POINTS(T, SUFFIX, TARGET, BYTES)                       \
+  TARGET void forward_rows_##SUFFIX(const T* q, T* out, T* lse,              \
+                                    const Geometry& g, Scratch<T>& scratch,  \
+                                    int64_t begin, int64_t end) {            \
+    forward_rows<T, BYTES>(q, out, lse, g, scratch, begin, end);             \
   }                                                                          \
-  MMACMIX_CLONES void backward_rows_##SUFFIX(                                \
+  TARGET void backward_rows_##SUFFIX(                                        \
       const T* q, const T* grad_out, const T* lse, T* grad_q,                \
       const Band<T>& band, const Geometry& g, Scratch<T>& scratch,           \
       int64_t begin, int64_t end) {                                          \
-    backward_rows<T>(q, grad_out, lse, grad_q, band, g, scratch, begin,      \
-                     end);                                                   \
+    backward_rows<T, BYTES>(q, grad_out, lse, grad_q, band, g, scratch,      \
+                            begin, end);                                     \
   }                                                                          \
-  MMACMIX_CLONES void scatter_rows_##SUFFIX(                                 \
+  TARGET void scatter_rows_##SUFFIX(                                         \
       const Band<T>& band, T* grad_k, T* grad_v, const Geometry& g,          \
       const int64_t* cols, const int64_t* in_rows,                           \
       const int64_t* pair_start, const int64_t* pairs, int64_t n_in_rows,    \
       Scratch<T>& scratch, int64_t begin, int64_t end) {                     \
-    scatter_rows<T>(band, grad_k, grad_v, g, cols, in_rows, pair_start,      \
-                    pairs, n_in_rows, scratch, begin, end);                  \
-  }                                                                          \
+    scatter_rows<T, BYTES>(band, grad_k, grad_v, g, cols, in_rows,           \
+                           pair_start, pairs, n_in_rows, scratch, begin,     \
+                           end);                                             \
+  }
+
+#define MMACMIX_NO_TARGET
+MMACMIX_ENTRY_POINTS(float, f32_baseline, MMACMIX_NO_TARGET, 16)
+MMACMIX_ENTRY_POINTS(double, f64_baseline, MMACMIX_NO_TARGET, 16)
+#if MMACMIX_X86_TARGETS
+MMACMIX_ENTRY_POINTS(float, f32_avx2, MMACMIX_TARGET_AVX2, 32)
+MMACMIX_ENTRY_POINTS(double, f64_avx2, MMACMIX_TARGET_AVX2, 32)
+MMACMIX_ENTRY_POINTS(float, f32_avx512, MMACMIX_TARGET_AVX512, 64)
+MMACMIX_ENTRY_POINTS(double, f64_avx512, MMACMIX_TARGET_AVX512, 64)
+#endif
+#undef MMACMIX_ENTRY_POINTS
+#undef MMACMIX_NO_TARGET
+
+// Dispatch on the active instruction set (cpu_isa.cpp), per dtype.
+#if MMACMIX_X86_TARGETS
+#define MMACMIX_DISPATCH(T, NAME, ...)                 \
+  switch (active_cpu_isa()) {                          \
+    case CpuIsa::kAvx512:                              \
+      return NAME##_##T##_avx512(__VA_ARGS__);         \
+    case CpuIsa::kAvx2:                                \
+      return NAME##_##T##_avx2(__VA_ARGS__);           \
+    default:                                           \
+      return NAME##_##T##_baseline(__VA_ARGS__);       \
+  }
+#else
+#define MMACMIX_DISPATCH(T, NAME, ...) \
+  return NAME##_##T##_baseline(__VA_ARGS__);
+#endif
+
+#define MMACMIX_DISPATCHERS(T, SUFFIX)                                       \
   void forward_rows_any(const T* q, T* out, T* lse, const Geometry& g,       \
                         Scratch<T>& scratch, int64_t begin, int64_t end) {   \
-    forward_rows_##SUFFIX(q, out, lse, g, scratch, begin, end);              \
+    MMACMIX_DISPATCH(SUFFIX, forward_rows, q, out, lse, g, scratch, begin,   \
+                     end)                                                    \
   }                                                                          \
   void backward_rows_any(const T* q, const T* grad_out, const T* lse,        \
                          T* grad_q, const Band<T>& band, const Geometry& g,  \
                          Scratch<T>& scratch, int64_t begin, int64_t end) {  \
-    backward_rows_##SUFFIX(q, grad_out, lse, grad_q, band, g, scratch,       \
-                           begin, end);                                      \
+    MMACMIX_DISPATCH(SUFFIX, backward_rows, q, grad_out, lse, grad_q, band,  \
+                     g, scratch, begin, end)                                 \
   }                                                                          \
   void scatter_rows_any(const Band<T>& band, T* grad_k, T* grad_v,           \
                         const Geometry& g, const int64_t* cols,              \
                         const int64_t* in_rows, const int64_t* pair_start,   \
                         const int64_t* pairs, int64_t n_in_rows,             \
                         Scratch<T>& scratch, int64_t begin, int64_t end) {   \
-    scatter_rows_##SUFFIX(band, grad_k, grad_v, g, cols, in_rows,            \
-                          pair_start, pairs, n_in_rows, scratch, begin,      \
-                          end);                                              \
+    MMACMIX_DISPATCH(SUFFIX, scatter_rows, band, grad_k, grad_v, g, cols,    \
+                     in_rows, pair_start, pairs, n_in_rows, scratch, begin,  \
+                     end)                                                    \
   }
 
-MMACMIX_ENTRY_POINTS(float, f32)
-MMACMIX_ENTRY_POINTS(double, f64)
-#undef MMACMIX_ENTRY_POINTS
+MMACMIX_DISPATCHERS(float, f32)
+MMACMIX_DISPATCHERS(double, f64)
+#undef MMACMIX_DISPATCHERS
+#undef MMACMIX_DISPATCH
 
 // Runs run(scratch, begin, end) over chunks of [0, total), each thread with
 // its own Scratch from make().  With OpenMP, chunks are handed out
