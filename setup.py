@@ -11,8 +11,10 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 # Shipped inside the package, as OpenMMLab packages ship theirs: ``mim``
-# and mmacmix.configs find them in mmacmix/.mim/ of an installed copy.
-MIM_FOLDERS = {'configs': ('*.py',), 'tools': ('*.py', '*.sh')}
+# and mmacmix.configs find them in mmacmix/.mim/ of an installed copy
+# (``mim search`` reads model-index.yml and the metafiles it imports).
+MIM_FOLDERS = {'configs': ('*.py', 'metafile.yml'), 'tools': ('*.py', '*.sh')}
+MIM_FILES = ('model-index.yml',)
 
 
 def read_version() -> str:
@@ -35,12 +37,14 @@ class BuildWithMimFiles(build_py):
             return
         mim = Path(self.build_lib, 'mmacmix', '.mim')
         shutil.rmtree(mim, ignore_errors=True)
+        sources = [ROOT / name for name in MIM_FILES]
         for folder, patterns in MIM_FOLDERS.items():
             for pattern in patterns:
-                for source in (ROOT / folder).rglob(pattern):
-                    target = mim / source.relative_to(ROOT)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(source, target)
+                sources += (ROOT / folder).rglob(pattern)
+        for source in sources:
+            target = mim / source.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
 
 
 def extensions() -> dict:
@@ -121,6 +125,7 @@ setup(
             'onnx',
             'onnxruntime',
             'ruff',
+            'openmim',
         ],
         'docs': ['sphinx>=7.2,<9', 'myst-parser>=3,<5'],
     },

@@ -1,10 +1,11 @@
 """ACmixSwinTransformer: the official model's function, mmdet's Swin API.
 
 The reference below is a plain re-implementation of the official
-``SwinTransformer_acmix`` from its documented facts (docs/reference.md): a
-fixed 224x224 input, masks precomputed per block, token-shaped tensors and
-the official parameter and buffer names, so its state dict has the layout of
-a released checkpoint.
+``SwinTransformer_acmix`` (LeapLabTHU/ACmix on GitHub,
+``Swin-Transformer/models/swin_transformer_acmix.py``), written from the
+facts of that code, not copied from it: a fixed 224x224 input, masks
+precomputed per block, token-shaped tensors and the official parameter and
+buffer names, so its state dict has the layout of a released checkpoint.
 """
 
 import subprocess
