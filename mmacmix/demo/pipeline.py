@@ -38,6 +38,7 @@ from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 from mmacmix.apis import build_runner, load_config
+from mmacmix.apis.inference import infer_command_after_training
 from mmacmix.configs import find_config
 from mmacmix.datasets import ShapesSpec, generate_shapes_dataset
 from mmacmix.fileio import atomic_path, check_folder
@@ -151,6 +152,7 @@ def run_demo(
         f'({spec.num_val} val images); {metrics["wall_seconds"]:.0f} s in '
         f'all. Results in {out_dir}/'
     )
+    say(f'Run it on an image: {infer_command_after_training(cfg, out_dir)}')
     return result
 
 

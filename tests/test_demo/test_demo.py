@@ -3,6 +3,7 @@ data generation, training, COCO evaluation, metrics, loss plot, drawings."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -39,9 +40,37 @@ def test_tiny_demo_writes_metrics_and_pictures(tmp_path):
     # The console shows the steps, the progress bar and the result only;
     # what pycocotools prints goes to the log file.
     steps = ('[1/4] ', '[2/4] ', '  [#', '[3/4] ', '[4/4] ', 'bbox mAP ')
+    infer = 'Run it on an image: '
     lines = result.stdout.splitlines()
-    assert [line for line in lines if not line.startswith(steps)] == []
-    assert lines[-1].startswith('bbox mAP ')
+    assert [line for line in lines if not line.startswith(steps)] == [
+        lines[-1]
+    ]
+    assert lines[-2].startswith('bbox mAP ')
+    # The last line is a command that runs the trained detector.
+    assert lines[-1].startswith(infer)
+    command = shlex.split(lines[-1][len(infer) :])
+    train = out_dir / 'train'
+    assert command == [
+        'python',
+        str(REPO / 'tools' / 'infer.py'),
+        str(train / 'mask-rcnn_acmix-r26_fpn_shapes.py'),
+        str(train / 'iter_2.pth'),
+        str(data_root / 'coco' / 'val' / '000000.jpg'),
+        '--out-dir',
+        str(out_dir / 'infer'),
+    ]
+    ran = subprocess.run(
+        [sys.executable, *command[1:]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr
+    written = json.loads((out_dir / 'infer/preds/000000.json').read_text())
+    assert len(written['bboxes']) == len(written['scores'])
+    assert (out_dir / 'infer/vis/000000.jpg').is_file()
     assert result.stderr == ''
     [log] = (out_dir / 'train').glob('*/*.log')
     assert 'loading annotations into memory...' in log.read_text()

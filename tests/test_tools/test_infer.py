@@ -1,0 +1,318 @@
+"""tools/infer.py, run as a user runs it, against tools/test.py.
+
+The demo's ACmix-R26 Mask R-CNN and UperNet configs are trained for one
+iteration with tools/train.py on two 64x64 shapes images. tools/test.py
+dumps its predictions on the validation images (mmdet's
+``DumpDetResults``, MMEngine's ``DumpResults``); tools/infer.py, on the
+same images, must write the same boxes, scores, labels and masks
+(detection) and the same class map (segmentation). Bad arguments end with
+one line on stderr, exit status 1 and nothing written.
+
+The tools run in this process (a subprocess would spend seconds importing
+torch and the OpenMMLab packages).
+"""
+
+import json
+import os
+import pickle
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmacmix.apis.inference import collect_images, infer_command
+from mmacmix.datasets import ShapesSpec, generate_shapes_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = REPO / 'tools'
+DEMO = REPO / 'configs' / 'demo'
+SPEC = ShapesSpec(
+    num_train=2, num_val=2, image_size=(64, 64), max_instances=2, seed=3
+)
+
+# The demo detector at 64x64, one training iteration, no validation; the
+# test split is the validation images, one per batch, with every box kept
+# (score_thr 0: a model trained one step scores low) and dumped.
+DETECTOR = """
+_base_ = {base!r}
+data_root = {root!r}
+size = (64, 64)
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=size, keep_ratio=True),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=size, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=(
+        'img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(batch_size=2, dataset=dict(
+    data_root=data_root + 'coco/', pipeline=train_pipeline))
+val_dataloader = None
+val_cfg = None
+val_evaluator = None
+test_dataloader = dict(batch_size=1, dataset=dict(
+    data_root=data_root + 'coco/', pipeline=test_pipeline))
+test_evaluator = dict(
+    _delete_=True, type='DumpDetResults', out_file_path={dump!r})
+train_cfg = dict(max_iters=1, val_interval=1)
+default_hooks = dict(checkpoint=dict(interval=1))
+model = dict(test_cfg=dict(rcnn=dict(score_thr=0.0)))
+"""
+
+# The demo UperNet on the same images (their ADE20K layout), likewise.
+SEGMENTOR = """
+_base_ = {base!r}
+data_root = {root!r}
+model = dict(data_preprocessor=dict(size=(64, 64)))
+train_dataloader = dict(
+    batch_size=2, dataset=dict(data_root=data_root + 'ade'))
+val_dataloader = None
+val_cfg = None
+val_evaluator = None
+test_dataloader = dict(dataset=dict(data_root=data_root + 'ade'))
+test_evaluator = dict(
+    _delete_=True, type='DumpResults', out_file_path={dump!r})
+train_cfg = dict(max_iters=1, val_interval=1)
+default_hooks = dict(checkpoint=dict(interval=1))
+"""
+
+
+def run_tool(tool: str, *args) -> int:
+    """Runs ``tools/<tool>`` in this process; returns its exit status."""
+    argv = sys.argv
+    sys.argv = [str(TOOLS / tool), *map(str, args)]
+    try:
+        runpy.run_path(sys.argv[0], run_name='__main__')
+        return 0
+    except SystemExit as exit_info:
+        return exit_info.code or 0
+    finally:
+        sys.argv = argv
+
+
+def trained(folder: Path, template: str, base: str) -> dict[str, Path]:
+    """Writes a config, trains it one iteration and dumps its test
+    predictions with tools/test.py."""
+    root = generate_shapes_dataset(str(folder / 'shapes'), SPEC)
+    config = folder / 'config.py'
+    dump = folder / 'test.pkl'
+    config.write_text(
+        template.format(base=str(DEMO / base), root=root + '/', dump=str(dump))
+    )
+    work = folder / 'work'
+    assert run_tool('train.py', config, '--work-dir', work) == 0
+    checkpoint = work / 'iter_1.pth'
+    assert run_tool('test.py', config, checkpoint, '--work-dir', work) == 0
+    with open(dump, 'rb') as file:
+        dumped = pickle.load(file)
+    return dict(
+        config=config, checkpoint=checkpoint, root=Path(root), dump=dumped
+    )
+
+
+@pytest.fixture(scope='module')
+def detector(tmp_path_factory) -> dict:
+    return trained(
+        tmp_path_factory.mktemp('det'),
+        DETECTOR,
+        'mask-rcnn_acmix-r26_fpn_shapes.py',
+    )
+
+
+@pytest.fixture(scope='module')
+def segmentor(tmp_path_factory) -> dict:
+    return trained(
+        tmp_path_factory.mktemp('seg'),
+        SEGMENTOR,
+        'acmix-r26_upernet_shapes.py',
+    )
+
+
+def test_detections_equal_what_test_py_computes(detector, tmp_path, capsys):
+    images = detector['root'] / 'coco' / 'val'
+    out = tmp_path / 'out'
+    code = run_tool(
+        'infer.py',
+        detector['config'],
+        detector['checkpoint'],
+        images,
+        '--out-dir',
+        out,
+        '--device',
+        'cpu',
+        '--score-thr',
+        '0.1',
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.splitlines()[-1] == (
+        f'detection of 2 images: predictions in {out}/preds, pictures in '
+        f'{out}/vis'
+    )
+    assert 'Inference' in captured.err  # the progress bar of a folder
+    assert sorted(p.name for p in out.iterdir()) == ['preds', 'vis']
+    assert len(detector['dump']) == 2
+    for sample in detector['dump']:
+        name = Path(sample['img_path']).stem
+        written = json.loads((out / 'preds' / f'{name}.json').read_text())
+        expected = sample['pred_instances']
+        assert len(written['labels']) == len(expected['labels']) > 0
+        assert written['labels'] == expected['labels'].tolist()
+        np.testing.assert_allclose(
+            written['scores'], expected['scores'].numpy(), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            written['bboxes'], expected['bboxes'].numpy(), atol=1e-4
+        )
+        assert written['masks'] == [
+            dict(size=list(mask['size']), counts=mask['counts'].decode())
+            for mask in expected['masks']
+        ]
+        drawn = np.asarray(Image.open(out / 'vis' / f'{name}.jpg'))
+        assert drawn.shape == (64, 64, 3)
+
+
+def test_segmentation_equals_what_test_py_computes(segmentor, tmp_path):
+    images = sorted(
+        (segmentor['root'] / 'ade' / 'images' / 'validation').glob('*.jpg')
+    )
+    out = tmp_path / 'out'
+    code = run_tool(
+        'infer.py',
+        segmentor['config'],
+        segmentor['checkpoint'],
+        *images,
+        '--out-dir',
+        out,
+    )
+    assert code == 0
+    assert len(segmentor['dump']) == 2
+    for sample in segmentor['dump']:
+        name = Path(sample['img_path']).stem
+        written = np.asarray(Image.open(out / 'preds' / f'{name}.png'))
+        expected = sample['pred_sem_seg']['data'][0].numpy()
+        assert written.shape == expected.shape == (64, 64)
+        np.testing.assert_array_equal(written, expected)
+        drawn = np.asarray(Image.open(out / 'vis' / f'{name}.jpg'))
+        assert drawn.shape == (64, 64, 3)
+
+
+def test_infer_command_names_the_tool_and_quotes(tmp_path):
+    command = infer_command('a b.py', 'c.pth', 'd.jpg', 'out dir')
+    assert command == (
+        "python tools/infer.py 'a b.py' c.pth d.jpg --out-dir 'out dir'"
+    )
+
+
+def test_inputs_are_listed_once_in_order(tmp_path):
+    image = np.zeros((4, 4, 3), np.uint8)
+    for name in ('b.png', 'a.jpg', 'notes.txt'):
+        Image.fromarray(image).save(tmp_path / name, format='PNG')
+    folder = str(tmp_path)
+    assert collect_images([folder, f'{folder}/a.jpg']) == [
+        f'{folder}/a.jpg',
+        f'{folder}/b.png',
+    ]
+
+
+class Pickled:
+    """A pickle that writes a file when it is loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, 'ran'))
+
+
+def bad_cases(detector, segmentor, folder: Path) -> list[tuple]:
+    """(arguments, the expected error line) of each bad call."""
+    config, checkpoint = detector['config'], detector['checkpoint']
+    image = detector['root'] / 'coco' / 'val' / '000000.jpg'
+    empty = folder / 'empty'
+    empty.mkdir(parents=True)
+    (empty / 'notes.txt').write_text('no image')
+    twin = folder / 'twin'
+    twin.mkdir()
+    (twin / '000000.png').write_bytes(image.read_bytes())
+    fake = folder / 'fake.jpg'
+    fake.write_text('not an image')
+    evil = folder / 'evil.pth'
+    torch.save({'state_dict': {}, 'meta': Pickled(folder / 'ran')}, evil)
+    suffixes = '.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp'
+    seg_checkpoint = segmentor['checkpoint']
+    return [
+        (
+            [config, checkpoint, folder / 'missing.jpg'],
+            f"input '{folder}/missing.jpg' does not exist; expected an "
+            'image file or a folder of images',
+        ),
+        (
+            [config, checkpoint, empty],
+            f"input folder '{empty}' holds no images; expected files "
+            f'ending in {suffixes}',
+        ),
+        (
+            [config, checkpoint, empty / 'notes.txt'],
+            f"input '{empty}/notes.txt' is not an image file; expected a "
+            f'name ending in {suffixes}, or a folder',
+        ),
+        (
+            [config, checkpoint, fake],
+            f"input '{fake}' is not a readable image (its content is in no "
+            'format OpenCV decodes); expected a JPEG, PNG, ... file',
+        ),
+        (
+            [config, checkpoint, image, twin],
+            f"inputs '{image}' and '{twin}/000000.png' would write the same "
+            'output files (preds/000000.*); run them separately, each with '
+            'its own --out-dir',
+        ),
+        (
+            [config, seg_checkpoint, image],
+            f"'{seg_checkpoint}' does not fit MaskRCNN: ",
+        ),
+        (
+            [config, evil, image],
+            f"'{evil}' needs an object that a checkpoint does not need to "
+            'be loaded (',
+        ),
+        (
+            [config, folder / 'missing.pth', image],
+            f"checkpoint '{folder}/missing.pth' does not exist",
+        ),
+        (
+            [segmentor['config'], seg_checkpoint, image, '--score-thr', '0.5'],
+            '--score-thr applies to detection configs only; '
+            f"'{segmentor['config']}' is a segmentation config",
+        ),
+        (
+            [config, checkpoint, image, '--device', 'gpu'],
+            "--device 'gpu' is not a device; expected 'cpu', 'cuda' or "
+            "'cuda:N'",
+        ),
+    ]
+
+
+def test_bad_arguments_fail_in_one_line_and_write_nothing(
+    detector, segmentor, tmp_path, capsys
+):
+    for args, message in bad_cases(detector, segmentor, tmp_path / 'in'):
+        before = sorted(os.listdir(tmp_path / 'in'))
+        out = tmp_path / 'out'
+        code = run_tool('infer.py', *args, '--out-dir', out)
+        err = capsys.readouterr().err
+        assert code == 1, (args, err)
+        assert err.count('\n') == 1 and err.startswith('error: '), err
+        assert err[len('error: ') :].startswith(message), err
+        assert not out.exists()
+        assert sorted(os.listdir(tmp_path / 'in')) == before  # nothing ran
