@@ -28,332 +28,21 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmacmix.ops.native import ext as native_ops
+from mmacmix.ops.pixel_shift import TAPS, pixel_shift_attention
 from mmacmix.registry import MODELS
 
 from .utils import check_image_batch, conv3x3_arguments
 
 KERNEL_SIZE = 3
-# The PSSA taps, row-major over the 3x3 window: tap ``t`` reads the input
-# ``(dy, dx) * L`` pixels away, exactly where tap ``t`` of a 3x3 convolution
-# with dilation ``L`` reads, which is what lets the branches merge.
-TAPS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 ATTENTIONS = ('pssa', 'global')
-# The compiled CPU kernel's tiles: about this many output pixels (whole
-# rows), their products cut into blocks of channels of about this many
-# bytes, which stay in a core's cache between being computed and weighted.
-TILE_POSITIONS = 512
-BLOCK_BYTES = 2**19
-# The PyTorch path's row blocks on the CPU (without the compiled kernel, or
-# in reduced precision): shift products per CPU thread, 4 MiB of float32.
-BLOCK_ELEMENTS = 2**20
 _NOT_DEPLOYABLE = (
     "XVolution with attention='global' has no deployed form: attention "
     'over all positions does not merge into one convolution-style '
     "operator (only attention='pssa' does); use the training form in eval "
     'mode, which also exports to ONNX'
 )
-
-
-def _tap_window(
-    padded: Tensor, dy: int, dx: int, distance: int, stride: int
-) -> Tensor:
-    """The view of a map padded by ``distance`` that tap ``(dy, dx)`` reads
-    for every output position: ``padded[p * stride + (1 + d) * L]``.
-
-    The slices end at a fixed distance from the padded map's end, so that
-    a graph traced for ONNX keeps them relative to the input size (ends
-    computed from the size would be fixed at the traced one).
-    """
-    top = distance * (1 + dy)
-    left = distance * (1 + dx)
-    span = 2 * distance
-    return padded[
-        :,
-        :,
-        top : top - span or None : stride,
-        left : left - span or None : stride,
-    ]
-
-
-def shift_products(x: Tensor, distance: int, stride: int = 1) -> Tensor:
-    """Multiplies the map by its copies shifted over the 3x3 taps.
-
-    Channel ``c * 9 + t`` of the result is ``x[c, p] * x[c, p + d_t]`` at
-    every output position ``p`` (taken every ``stride`` pixels), for tap
-    ``t`` of :data:`TAPS` with offset ``d_t = (dy, dx) * distance``: the
-    order of the input channels of a 3x3 kernel's ``(C_in, 3, 3)`` block,
-    so that a kernel viewed as ``(C_out, 9 * C_in)`` weights the products.
-    Pixels shifted in from beyond the border are zero, as in a zero-padded
-    convolution.
-
-    Args:
-        x (Tensor): ``(B, C, H, W)``.
-        distance (int): The shift ``L`` in pixels.
-        stride (int): Step between output positions. Defaults to 1.
-
-    Returns:
-        Tensor: ``(B, 9 * C, ceil(H / stride), ceil(W / stride))``.
-    """
-    padded = F.pad(x, (distance,) * 4)
-    centre = x[:, :, ::stride, ::stride]
-    products = [
-        centre * _tap_window(padded, *tap, distance, stride) for tap in TAPS
-    ]
-    return torch.stack(products, dim=2).flatten(1, 2)
-
-
-def _weighted_sum(
-    products: Tensor, weight: Tensor, base: Tensor | None = None
-) -> Tensor:
-    """``base + weight @ products`` per image, as one batched matrix
-    product: ``(B, C_out, H', W')`` from ``(B, K, H', W')`` and a
-    ``(C_out, K)`` weight (``base`` of the output's shape, or None)."""
-    batch = products.shape[0]
-    weight = weight.expand(batch, -1, -1)
-    if base is None:
-        out = torch.bmm(weight, products.flatten(2))
-        return out.view(batch, -1, *products.shape[2:])
-    out = torch.baddbmm(base.flatten(2), weight, products.flatten(2))
-    return out.view_as(base)
-
-
-class _ProductRows:
-    """The shift products of a map, a block of output rows at a time.
-
-    The nine products of a whole map are nine times its size: written to
-    memory and read back by the matrix product, they would cost more than
-    the convolution beside them. A block of rows (:data:`BLOCK_ELEMENTS`
-    products) stays in the cache between being computed and being used,
-    forward and backward; on CUDA one block covers the map.
-
-    Args:
-        x (Tensor): ``(B, C, H, W)``.
-        distance (int): The shift ``L`` in pixels.
-        stride (int): Step between output positions.
-    """
-
-    def __init__(self, x: Tensor, distance: int, stride: int) -> None:
-        self.padded = F.pad(x, (distance,) * 4)
-        self.distance = distance
-        self.stride = stride
-        self.height = -(-x.shape[2] // stride)
-        self.width = -(-x.shape[3] // stride)
-        rows = self.height
-        if x.device.type == 'cpu':
-            per_row = x.shape[0] * x.shape[1] * len(TAPS) * self.width
-            block = BLOCK_ELEMENTS * torch.get_num_threads()
-            rows = max(1, block // per_row)
-        self.blocks = [
-            (top, min(top + rows, self.height))
-            for top in range(0, self.height, rows)
-        ]
-
-    def window(
-        self, padded: Tensor, dy: int, dx: int, start: int, stop: int
-    ) -> Tensor:
-        """The view of ``padded`` (or its gradient) that tap ``(dy, dx)``
-        reads for output rows ``[start, stop)``."""
-        step, distance = self.stride, self.distance
-        top = start * step + distance * (1 + dy)
-        left = distance * (1 + dx)
-        return padded[
-            :,
-            :,
-            top : top + (stop - start - 1) * step + 1 : step,
-            left : left + (self.width - 1) * step + 1 : step,
-        ]
-
-    def taps(self, start: int, stop: int) -> Tensor:
-        """All nine windows of rows ``[start, stop)`` as one view without
-        copy, ``(B, C, 3, 3, rows, W')``: tap ``(dy, dx)`` at ``[dy + 1,
-        dx + 1]``, the nine a fixed step apart in memory (like an unfold)."""
-        first = self.window(self.padded, -1, -1, start, stop)
-        batch, channels, rows, width = first.shape
-        step = self.distance * self.padded.stride(2)
-        return first.as_strided(
-            (batch, channels, 3, 3, rows, width),
-            (*first.stride()[:2], step, self.distance, *first.stride()[2:]),
-            first.storage_offset(),
-        )
-
-    def products(self, start: int, stop: int) -> Tensor:
-        """``shift_products`` of output rows ``[start, stop)``, as
-        ``(B, 9 * C, (stop - start) * W')``: one broadcast product."""
-        centre = self.window(self.padded, 0, 0, start, stop)
-        taps = self.taps(start, stop)
-        # Written into a contiguous tensor: the order the matrix product
-        # reads (a plain product would follow the taps' strides).
-        products = torch.mul(
-            centre[:, :, None, None],
-            taps,
-            out=torch.empty_like(taps, memory_format=torch.contiguous_format),
-        )
-        return products.flatten(1, 3).flatten(2)
-
-    def backward(
-        self, grad_padded: Tensor, grad: Tensor, start: int, stop: int
-    ) -> None:
-        """Adds the gradient of the products of rows ``[start, stop)``
-        (``grad``, shaped as :meth:`products`) to the padded map's.
-
-        Product ``t`` at ``p`` is ``centre(p) * window_t(p)``: its gradient
-        goes to both pixels, ``grad_t * window_t`` to the centre and
-        ``grad_t * centre`` to the neighbour (tap by tap: the neighbours'
-        windows overlap).
-        """
-        batch, channels = self.padded.shape[:2]
-        grads = grad.view(batch, channels, 3, 3, stop - start, -1)
-        centre = self.window(self.padded, 0, 0, start, stop)
-        grad_centre = self.window(grad_padded, 0, 0, start, stop)
-        grad_centre.add_((grads * self.taps(start, stop)).sum((2, 3)))
-        for dy, dx in TAPS:
-            grad_window = self.window(grad_padded, dy, dx, start, stop)
-            grad_window.addcmul_(grads[:, :, dy + 1, dx + 1], centre)
-
-
-def _native(x: Tensor) -> bool:
-    """Whether the compiled kernel computes the PSSA of ``x``."""
-    return (
-        native_ops is not None
-        and x.device.type == 'cpu'
-        and x.dtype in (torch.float32, torch.float64)
-    )
-
-
-def _weighted_rows(
-    x: Tensor,
-    weight: Tensor,
-    distance: int,
-    stride: int,
-    base: Tensor | None = None,
-) -> Tensor:
-    """``base + weight @ shift_products(x)`` tile by tile (the compiled
-    kernel) or block by block (:class:`_ProductRows`), added into ``base``
-    in place."""
-    # Under autocast x may be of a lower type than the weight: it decides.
-    weight = weight.to(x.dtype)
-    if _native(x):
-        # The kernel adds in place only into a contiguous map.
-        into = base if base is None or base.is_contiguous() else None
-        out = native_ops.pixel_shift_forward(
-            x.contiguous(),
-            weight.contiguous(),
-            into,
-            distance,
-            stride,
-            TILE_POSITIONS,
-            BLOCK_BYTES,
-        )
-        return out if into is base else base.add_(out)
-    rows = _ProductRows(x, distance, stride)
-    batch = x.shape[0]
-    if base is None:
-        out = x.new_empty(batch, weight.shape[0], rows.height, rows.width)
-    else:
-        out = base
-    for start, stop in rows.blocks:
-        products = rows.products(start, stop)
-        for image in range(batch):
-            # A view of the output rows: the product is written in place.
-            block = out[image, :, start:stop].view(weight.shape[0], -1)
-            block.addmm_(weight, products[image], beta=int(base is not None))
-    return out
-
-
-class _PixelShiftAttention(torch.autograd.Function):
-    """``weight @ shift_products(x)`` computed in tiles (the compiled
-    kernel) or row blocks, both ways.
-
-    The products are not kept for the backward pass: each tile or block is
-    computed again there, used for the gradients of the weight and of the
-    products, and the latter's gradient accumulated into the input's.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, distance, stride):
-        ctx.save_for_backward(x, weight)
-        ctx.distance, ctx.stride = distance, stride
-        return _weighted_rows(x, weight, distance, stride)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        # Computed in x's type, as forward (autocast); the weight's
-        # gradient accumulated in the weight's.
-        grad = grad.to(x.dtype).contiguous()
-        need_x, need_weight = ctx.needs_input_grad[:2]
-        if _native(x):
-            grad_x, grad_weight = native_ops.pixel_shift_backward(
-                grad,
-                x.contiguous(),
-                weight.to(x.dtype).contiguous(),
-                ctx.distance,
-                ctx.stride,
-                need_x,
-                need_weight,
-                TILE_POSITIONS,
-                BLOCK_BYTES,
-            )
-            if grad_weight is not None:
-                grad_weight = grad_weight.to(weight.dtype)
-            return grad_x, grad_weight, None, None
-        rows = _ProductRows(x, ctx.distance, ctx.stride)
-        batch = x.shape[0]
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_padded = torch.zeros_like(rows.padded) if need_x else None
-        transposed = weight.t().to(x.dtype).expand(batch, -1, -1)
-        for start, stop in rows.blocks:
-            products = rows.products(start, stop)
-            block = grad[:, :, start:stop].reshape(batch, weight.shape[0], -1)
-            if need_weight:
-                grad_weight.addbmm_(
-                    block.to(weight.dtype),
-                    products.to(weight.dtype).transpose(1, 2),
-                )
-            if need_x:
-                grad_products = torch.bmm(transposed, block)
-                rows.backward(grad_padded, grad_products, start, stop)
-        grad_x = None
-        if need_x:
-            inner = slice(ctx.distance, -ctx.distance)
-            grad_x = grad_padded[:, :, inner, inner]
-        return grad_x, grad_weight, None, None
-
-
-def pixel_shift_attention(
-    x: Tensor,
-    weight: Tensor,
-    distance: int,
-    stride: int = 1,
-    base: Tensor | None = None,
-) -> Tensor:
-    """``base + weight @ shift_products(x)``: the PSSA branch before its
-    norm, or with ``base`` the deployed op's dynamic part.
-
-    Args:
-        x (Tensor): ``(B, C_in, H, W)``.
-        weight (Tensor): ``(C_out, 9 * C_in)``, input channel ``c * 9 + t``
-            (see :func:`shift_products`).
-        distance (int): The shift ``L`` in pixels.
-        stride (int): Step between output positions. Defaults to 1.
-        base (Tensor, optional): Added to the result; updated in place when
-            no gradient is needed. Defaults to None.
-
-    Returns:
-        Tensor: ``(B, C_out, ceil(H / stride), ceil(W / stride))``.
-    """
-    if torch.jit.is_tracing():
-        # One graph for every size (ONNX): whole-map products.
-        return _weighted_sum(shift_products(x, distance, stride), weight, base)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        out = _PixelShiftAttention.apply(x, weight, distance, stride)
-        return out if base is None else base + out
-    return _weighted_rows(x, weight, distance, stride, base)
 
 
 def xvolution(
@@ -375,7 +64,8 @@ def xvolution(
     with taps ``t`` spaced ``dilation`` pixels apart and zero padding. It
     is computed as the static convolution plus the dynamic kernel's
     weighted sum of the shifted products (a matrix product over the
-    ``9 * C_in`` products, see :func:`pixel_shift_attention`).
+    ``9 * C_in`` products, see
+    :func:`~mmacmix.ops.pixel_shift.pixel_shift_attention`).
 
     Args:
         x (Tensor): ``(B, C_in, H, W)``.
@@ -488,11 +178,12 @@ class XVolution(BaseModule):
 
     where ``P(x)`` stacks the products ``x * shift(x, L * (dy, dx))`` of the
     map with its copies shifted over the 3x3 taps (see
-    :func:`shift_products`), ``pssa`` is the learned weighted sum of these
-    products (a 1x1 convolution) and ``conv`` a 3x3 convolution of dilation
-    ``L``. Deployed form (``deploy=True`` or after :meth:`switch_to_deploy`):
-    the single dynamic convolution :func:`xvolution`, whose kernel at pixel
-    ``p`` is ``weight + x(p) * dynamic_weight``.
+    :func:`~mmacmix.ops.pixel_shift.shift_products`), ``pssa`` is the
+    learned weighted sum of these products (a 1x1 convolution) and ``conv``
+    a 3x3 convolution of dilation ``L``. Deployed form (``deploy=True`` or
+    after :meth:`switch_to_deploy`): the single dynamic convolution
+    :func:`xvolution`, whose kernel at pixel ``p`` is ``weight + x(p) *
+    dynamic_weight``.
 
     ``attention='global'`` is the paper's X-volution (SA): the PSSA branch
     is replaced by true global multi-head self-attention
@@ -528,8 +219,9 @@ class XVolution(BaseModule):
     State dict keys (training form): ``conv.weight`` (``C_out, C_in, 3, 3``),
     ``conv.bias`` (``C_out``, only with ``bias=True``), ``conv_bn.*``,
     ``pssa.weight`` (``C_out, 9 * C_in, 1, 1``; input channel ``c * 9 + t``
-    for channel ``c`` and tap ``t`` of :data:`TAPS`, the layout of a 3x3
-    kernel's ``(C_in, 3, 3)`` block), ``pssa_bn.*``; with
+    for channel ``c`` and tap ``t`` of
+    :data:`~mmacmix.ops.pixel_shift.TAPS`, the layout of a 3x3 kernel's
+    ``(C_in, 3, 3)`` block), ``pssa_bn.*``; with
     ``attention='global'``, ``attn.qkv.*`` and ``attn.proj.*`` (1x1
     convolutions with bias) and ``attn_bn.*`` instead of the ``pssa`` ones.
     Deployed form: ``weight`` and ``dynamic_weight`` (both ``C_out, C_in, 3,
