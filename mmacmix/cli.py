@@ -66,6 +66,18 @@ def exit_on_error(debug: bool = False) -> Iterator[None]:
         raise SystemExit(1) from None
 
 
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--trust-checkpoint``: read checkpoints with
+    ``weights_only=False`` (see :mod:`mmacmix.checkpoint`)."""
+    parser.add_argument(
+        '--trust-checkpoint',
+        action='store_true',
+        help='unpickle checkpoints that hold more than weights (torch.load '
+        'weights_only=False); such a file can run code: only for files you '
+        'trust',
+    )
+
+
 def positive_int(text: str) -> int:
     """An ``argparse`` type: an integer of at least 1."""
     return _int_from(text, 1, 'a positive integer')
@@ -117,6 +129,7 @@ def convert_cli(
     parser.add_argument(
         '--force', action='store_true', help='overwrite DST if it exists'
     )
+    add_trust_flag(parser)
     add_debug_flag(parser)
     options = []
     for flag, kwargs in (extra_arguments or {}).items():
@@ -125,7 +138,7 @@ def convert_cli(
     with exit_on_error(args.debug):
         check_destination(args.dst, args.force, 'checkpoint')
         state_dict = convert(
-            read_checkpoint(args.src),
+            read_checkpoint(args.src, trust=args.trust_checkpoint),
             **{name: getattr(args, name) for name in options},
         )
         whole_model = getattr(args, whole_model_option or '', False)

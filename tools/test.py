@@ -2,11 +2,14 @@
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR]
         [--metrics-out FILE.json] [--cfg-options KEY=VALUE ...]
-        [--launcher {none,pytorch,slurm}] [--non-strict] [--debug]
+        [--launcher {none,pytorch,slurm}] [--non-strict]
+        [--trust-checkpoint] [--debug]
 
 The metrics are logged and printed as one JSON line at the end. CHECKPOINT
 must fit the config's model exactly (mmdet's test script loads whatever
 fits); --non-strict loads it anyway, logging the keys that do not fit.
+CHECKPOINT is read with torch.load(weights_only=True), and a file that needs
+more than weights is refused; --trust-checkpoint reads any file you trust.
 """
 
 import argparse
@@ -17,7 +20,7 @@ from mmengine.dist import get_rank
 from mmacmix.apis import test
 from mmacmix.apis.dist import LAUNCHERS
 from mmacmix.apis.runner import DictAction
-from mmacmix.cli import add_debug_flag, exit_on_error
+from mmacmix.cli import add_debug_flag, add_trust_flag, exit_on_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='evaluate CHECKPOINT even if its keys do not fit the model '
         '(those that do not are logged as a warning)',
     )
+    add_trust_flag(parser)
     add_debug_flag(parser)
     return parser.parse_args(argv)
 
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             launcher=args.launcher,
             metrics_out=args.metrics_out,
             strict=not args.non_strict,
+            trust=args.trust_checkpoint,
         )
     if get_rank() == 0:
         print('metrics: ' + json.dumps(metrics, sort_keys=True))

@@ -2,10 +2,13 @@
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
         [--cfg-options KEY=VALUE ...] [--launcher {none,pytorch,slurm}]
-        [--non-strict] [--debug]
+        [--non-strict] [--trust-checkpoint] [--debug]
 
 The config's default_scope (mmdet or mmseg) decides which codebase is used.
 For several processes use tools/dist_train.sh or tools/slurm_train.sh.
+Checkpoints (--resume, load_from, Pretrained weights) must fit the model
+exactly (--non-strict loads what fits) and are read with
+torch.load(weights_only=True) (--trust-checkpoint reads any file you trust).
 """
 
 import argparse
@@ -15,7 +18,7 @@ from mmengine.runner import Runner
 from mmacmix.apis import train
 from mmacmix.apis.dist import LAUNCHERS
 from mmacmix.apis.runner import DictAction
-from mmacmix.cli import add_debug_flag, exit_on_error
+from mmacmix.cli import add_debug_flag, add_trust_flag, exit_on_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,9 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         '--non-strict',
         action='store_true',
-        help='resume even if the checkpoint does not fit the model exactly '
-        '(the keys that do not are logged as a warning)',
+        help='resume or start from load_from even if the checkpoint does '
+        'not fit the model exactly (the keys that do not are logged as a '
+        'warning)',
     )
+    add_trust_flag(parser)
     add_debug_flag(parser)
     return parser.parse_args(argv)
 
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> Runner:
             cfg_options=args.cfg_options,
             launcher=args.launcher,
             strict=not args.non_strict,
+            trust=args.trust_checkpoint,
         )
 
 

@@ -22,7 +22,6 @@ columns mean. Operators still without a handle are reported by
 """
 
 import contextlib
-import importlib
 from collections.abc import Sequence
 from unittest import mock
 
@@ -30,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from mmengine.analysis import FlopAnalyzer, parameter_count
 from mmengine.analysis.jit_handles import get_shape
-from mmengine.registry import MODELS, init_default_scope
+from mmengine.registry import MODELS
 from torch import nn
 
 import mmacmix.models  # noqa: F401  (registers mmacmix.*)
-from mmacmix.apis import load_config
-from mmacmix.apis.dist import replace_sync_bn
+from mmacmix.apis import build_model, load_config
 from mmacmix.models.acmix import ACmix, ACmixBase
 
 # The registered local-attention op as it appears in a traced graph.
@@ -195,16 +193,12 @@ def build_from_config(
 ) -> tuple[nn.Module, tuple]:
     """Builds the model (or its backbone) of a config and dummy inputs."""
     cfg = load_config(config, cfg_options=cfg_options)
-    replace_sync_bn(cfg.model)  # no process group here
-    scope = cfg.default_scope
-    registry = importlib.import_module(f'{scope}.registry').MODELS
-    init_default_scope(scope)
     image = torch.randn(1, 3, *shape)
     if backbone_only:
-        return registry.build(cfg.model.backbone), (image,)
+        return build_model(cfg, 'backbone'), (image,)
     cfg.model.pop('pretrained', None)
-    model = registry.build(cfg.model)
-    return TensorModeWrapper(model, scope, shape), (image,)
+    model = build_model(cfg)
+    return TensorModeWrapper(model, cfg.default_scope, shape), (image,)
 
 
 class TensorModeWrapper(nn.Module):

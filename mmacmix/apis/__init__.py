@@ -1,9 +1,15 @@
 """Training, testing and launching helpers behind the tools/ scripts."""
 
 from .dist import setup_distributed
-from .hooks import AtomicCheckpointHook, ExactResumeHook
+from .hooks import (
+    AtomicCheckpointHook,
+    ExactResumeHook,
+    FlushDenormalHook,
+    add_project_hooks,
+)
 from .runner import (
-    allow_full_checkpoint_loading,
+    CheckedRunner,
+    build_model,
     build_runner,
     check_checkpoint,
     load_config,
@@ -13,8 +19,11 @@ from .runner import (
 
 __all__ = [
     'AtomicCheckpointHook',
+    'CheckedRunner',
     'ExactResumeHook',
-    'allow_full_checkpoint_loading',
+    'FlushDenormalHook',
+    'add_project_hooks',
+    'build_model',
     'build_runner',
     'check_checkpoint',
     'load_config',

@@ -7,9 +7,14 @@ at it; a run killed while saving can leave ``last_checkpoint`` naming a
 deleted or truncated file, and ``--resume`` then fails. A resumed run is
 also not the run it continues: the torch random state (RoI sampling,
 dropout, drop-path) restarts from the seed. The two hooks here close both
-gaps. :func:`mmacmix.apis.build_runner` (behind ``tools/train.py``)
-installs them for every config; other launchers (``mim train``) get them
-from a config that names them (``type='mmacmix.ExactResumeHook'``).
+gaps. A third, :class:`FlushDenormalHook`, keeps randomly initialised
+detectors fast on a CPU.
+
+:func:`add_project_hooks` names all three in a config; ``tools/train.py``
+and ``tools/test.py`` call it explicitly before the Runner is built, so the
+config the Runner saves beside the checkpoints says what ran. Other
+launchers (``mim train``) get them from a config that names them
+(``type='mmacmix.ExactResumeHook'``).
 """
 
 import os
@@ -18,6 +23,7 @@ import random
 
 import numpy as np
 import torch
+from mmengine.config import Config
 from mmengine.dist import is_main_process
 from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook, Hook
@@ -172,3 +178,68 @@ def iteration_seed(seed: int, iteration: int) -> int:
     """
     sequence = np.random.SeedSequence([seed % 2**32, iteration])
     return int(sequence.generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+@HOOKS.register_module()
+class FlushDenormalHook(Hook):
+    """Flushes denormal floats to zero while the run lasts.
+
+    Randomly initialised detectors produce denormal floats, which make some
+    CPU steps many times slower; flushing them changes no result. The
+    setting is process-wide in torch, so it is switched on in
+    ``before_run`` and back to what it was in ``after_run``.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def before_run(self, runner) -> None:
+        self._was_flushing = flushing_denormals()
+        torch.set_flush_denormal(True)
+
+    def after_run(self, runner) -> None:
+        torch.set_flush_denormal(getattr(self, '_was_flushing', False))
+
+
+def flushing_denormals() -> bool:
+    """Whether torch flushes denormal floats to zero now (torch has no
+    getter: a denormal input reads as zero when it does)."""
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    return bool((tiny * 2).item() == 0.0)
+
+
+def add_project_hooks(cfg: Config) -> Config:
+    """Names this project's hooks in ``cfg``, for a Runner built from it.
+
+    * ``default_hooks.checkpoint`` of type ``CheckpointHook`` becomes an
+      :class:`AtomicCheckpointHook` with the same arguments;
+    * :class:`ExactResumeHook` and :class:`FlushDenormalHook` join
+      ``custom_hooks``, unless the config names them already.
+
+    ``tools/train.py`` and ``tools/test.py`` (:func:`mmacmix.apis.train`,
+    :func:`mmacmix.apis.test`) call it; :func:`mmacmix.apis.build_runner`
+    does not, so a Runner built from a config runs the hooks that config
+    names and no others.
+
+    Args:
+        cfg (Config): The run's config; changed in place.
+
+    Returns:
+        Config: ``cfg``.
+    """
+    checkpoint = (cfg.get('default_hooks') or {}).get('checkpoint')
+    if checkpoint is not None and checkpoint.get('type') in (
+        'CheckpointHook',
+        'mmengine.CheckpointHook',
+        CheckpointHook,
+    ):
+        checkpoint['type'] = 'mmacmix.AtomicCheckpointHook'
+    hooks = list(cfg.get('custom_hooks') or [])
+    named = {
+        getattr(kind, '__name__', str(kind)).rpartition('.')[2]
+        for kind in (hook.get('type') for hook in hooks)
+    }
+    for hook in (ExactResumeHook, FlushDenormalHook):
+        if hook.__name__ not in named:
+            hooks.append(dict(type=f'mmacmix.{hook.__name__}'))
+    cfg.custom_hooks = hooks
+    return cfg

@@ -4,17 +4,25 @@
 :func:`train` and :func:`test`. Beyond what OpenMMLab's own scripts do, these
 functions make the stack of this project work as it is installed:
 
-* Runner checkpoints load on torch >= 2.6 (whose ``torch.load`` defaults to
-  ``weights_only=True``), see :func:`allow_full_checkpoint_loading`.
+* Checkpoints load with ``weights_only=True`` and strict key matching
+  (:class:`CheckedRunner`, :mod:`mmacmix.checkpoint`): ``load_from`` and
+  ``--resume`` alike. ``trust=True`` (``--trust-checkpoint``) unpickles any
+  file, ``strict=False`` (``--non-strict``) loads what fits, as MMEngine
+  does.
+* The checkpoint to evaluate, resume or start from is checked before any
+  work: an unreadable file, or one whose keys do not fit the config's
+  model, is an error that says what the file seems to hold and what to do
+  with it (:func:`check_checkpoint`).
 * ``--launcher pytorch`` / ``slurm`` work on a CPU-only torch (gloo), see
   :mod:`mmacmix.apis.dist`.
-* Checkpoints are written atomically and ``--resume`` continues a run
-  exactly (:mod:`mmacmix.apis.hooks`).
+* Checkpoints are written atomically, ``--resume`` continues a run exactly
+  and denormal floats are flushed while the run lasts: the hooks of
+  :mod:`mmacmix.apis.hooks`, named in the config by
+  :func:`~mmacmix.apis.hooks.add_project_hooks`.
 * ``--amp`` on a machine without a GPU fails at once with a clear message.
-* The checkpoint to evaluate or resume from is checked before any work:
-  an unreadable file, or one whose keys do not fit the config's model, is
-  an error that says what the file seems to hold (:func:`check_checkpoint`;
-  ``strict=False`` loads it anyway, as MMEngine does).
+
+:func:`build_model` is the one place a model is built from a config (the
+checks here, re-parameterisation, ONNX export and FLOP counts use it).
 """
 
 import importlib
@@ -22,26 +30,32 @@ import json
 import os.path as osp
 from collections.abc import Mapping, Sequence
 
-import torch
 from mmengine.config import Config, DictAction
 from mmengine.device import get_device
-from mmengine.hooks import CheckpointHook
+from mmengine.model import is_model_wrapper, revert_sync_batchnorm
 from mmengine.registry import MODELS, DefaultScope
-from mmengine.runner import CheckpointLoader, Runner, find_latest_checkpoint
+from mmengine.runner import Runner, find_latest_checkpoint
+from torch import nn
 
 from mmacmix.checkpoint import (
+    KeyMismatchError,
+    LoadAdvice,
+    fetch_pretrained,
     load_state_dict_strictly,
+    load_weights,
     read_checkpoint,
     state_dict_of,
+    trusted_checkpoints,
 )
 from mmacmix.fileio import atomic_path, check_destination
 
 from .dist import setup_distributed
-from .hooks import AtomicCheckpointHook, ExactResumeHook
+from .hooks import add_project_hooks
 
 __all__ = [
+    'CheckedRunner',
     'DictAction',
-    'allow_full_checkpoint_loading',
+    'build_model',
     'build_runner',
     'check_checkpoint',
     'load_config',
@@ -95,64 +109,100 @@ def load_config(
     return cfg
 
 
-def allow_full_checkpoint_loading() -> None:
-    """Lets MMEngine load Runner checkpoints from local files on torch>=2.6.
+def build_model(cfg: Mapping, part: str | None = None) -> nn.Module:
+    """Builds the model of a config, or one part of it, without weights.
 
-    MMEngine 0.10.7 calls ``torch.load`` without ``weights_only``; torch
-    2.6 changed that default to True, which refuses Runner checkpoints (their
-    message hub and metadata hold more than tensors). This replaces only
-    MMEngine's loader for local paths, by one that passes
-    ``weights_only=False`` as torch did before 2.6: load checkpoints you
-    trust, as with any pickle. URLs and other schemes are untouched.
+    The one place mmacmix builds a model from a config: the checkpoint
+    checks, re-parameterisation, ONNX export and FLOP counts use it.
+
+    Args:
+        cfg (Mapping): A config (from :func:`load_config` or
+            ``Config.fromfile``) or any mapping with ``model`` and,
+            optionally, ``default_scope`` (the registry its types are
+            looked up in; types written ``scope.Name`` need none).
+        part (str, optional): Build ``cfg['model'][part]`` instead, e.g.
+            ``'backbone'``. Defaults to None (the whole model).
+
+    Returns:
+        nn.Module: The model, SyncBN replaced by BN (outside a distributed
+        run there is no process group for it), weights as constructed:
+        ``init_weights()`` is not called, nothing is read or downloaded.
+    """
+    model_cfg = cfg['model'] if part is None else cfg['model'][part]
+    if part is None and cfg.get('data_preprocessor') is not None:
+        # As the Runner does: mmpretrain configs set it beside the model.
+        model_cfg = dict(model_cfg)
+        model_cfg.setdefault('data_preprocessor', cfg['data_preprocessor'])
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        model = MODELS.build(model_cfg)
+    return revert_sync_batchnorm(model)
+
+
+class CheckedRunner(Runner):
+    """MMEngine's Runner loading checkpoints as the rest of mmacmix does.
+
+    ``load_from`` and ``resume`` read the file with
+    :func:`~mmacmix.checkpoint.read_checkpoint` (``weights_only=True``
+    unless inside :func:`~mmacmix.checkpoint.trusted_checkpoints`) and load
+    it with :func:`~mmacmix.checkpoint.load_weights`: strict key matching
+    unless :attr:`strict_load` is False, when the keys that do not fit are
+    logged as a warning, as MMEngine does. Everything else is MMEngine's
+    ``Runner``.
     """
 
-    def load_local(filename: str, map_location=None):
-        filename = osp.expanduser(filename)
-        if not osp.isfile(filename):
-            raise FileNotFoundError(f'{filename} can not be found.')
-        return torch.load(
-            filename, map_location=map_location, weights_only=False
+    #: Whether checkpoints must fit the model exactly.
+    strict_load: bool = True
+
+    def load_checkpoint(
+        self,
+        filename: str,
+        map_location='cpu',
+        strict: bool | None = None,
+        revise_keys: Sequence = ((r'^module.', ''),),
+    ) -> dict:
+        """Loads ``filename`` into the model (see the class doc).
+
+        Args:
+            filename (str): A local file or URL.
+            map_location: As for ``torch.load``. Defaults to ``'cpu'``.
+            strict (bool, optional): Defaults to :attr:`strict_load`.
+            revise_keys (Sequence): ``(pattern, replacement)`` pairs applied
+                to the keys. Defaults to removing a ``module.`` prefix.
+
+        Returns:
+            dict: The checkpoint.
+        """
+        checkpoint = read_checkpoint(filename, map_location=map_location)
+        self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
+        model = (
+            self.model.module if is_model_wrapper(self.model) else self.model
         )
+        strict = self.strict_load if strict is None else strict
+        load_weights(model, checkpoint, filename, strict, revise_keys)
+        self._has_loaded = True
+        self.logger.info(f'Load checkpoint from {filename}')
+        return checkpoint
 
-    CheckpointLoader.register_scheme(
-        prefixes='', loader=load_local, force=True
-    )
 
+def build_runner(cfg: Config, strict: bool = True) -> CheckedRunner:
+    """Builds the Runner of ``cfg``: a :class:`CheckedRunner`.
 
-def build_runner(cfg: Config) -> Runner:
-    """Builds the Runner of ``cfg`` with this project's hooks installed.
-
-    The ``CheckpointHook`` of ``cfg.default_hooks`` (if any) is replaced by
-    an :class:`AtomicCheckpointHook` with the same arguments, and an
-    :class:`ExactResumeHook` is added unless the config names one. The
-    config itself is unchanged, so the copy the Runner writes to the work
-    folder runs anywhere.
+    Nothing else: the hooks that run are those ``cfg`` names (see
+    :func:`~mmacmix.apis.hooks.add_project_hooks`), and nothing outside the
+    Runner changes.
 
     Args:
         cfg (Config): A config prepared by :func:`load_config` (and
             :func:`mmacmix.apis.dist.setup_distributed` for a distributed
             run).
+        strict (bool): Whether ``load_from`` and resumed checkpoints must
+            fit the model exactly. Defaults to True.
 
     Returns:
-        Runner: The runner, ready for ``train()`` or ``test()``.
+        CheckedRunner: The runner, ready for ``train()`` or ``test()``.
     """
-    # Randomly initialised detectors produce denormal floats, which make
-    # some CPU steps ten times slower; flushing them changes no result.
-    torch.set_flush_denormal(True)
-    allow_full_checkpoint_loading()
-    runner = Runner.from_cfg(cfg)
-    for index, hook in enumerate(runner.hooks):
-        if type(hook) is CheckpointHook:
-            args = {
-                key: value
-                for key, value in cfg.default_hooks.checkpoint.items()
-                if key not in ('type', '_scope_')
-            }
-            atomic = AtomicCheckpointHook(**args)
-            atomic.priority = hook.priority
-            runner.hooks[index] = atomic
-    if not any(isinstance(hook, ExactResumeHook) for hook in runner.hooks):
-        runner.register_hook(ExactResumeHook())
+    runner = CheckedRunner.from_cfg(cfg)
+    runner.strict_load = strict
     return runner
 
 
@@ -164,8 +214,13 @@ def train(
     cfg_options: dict | None = None,
     launcher: str = 'none',
     strict: bool = True,
+    trust: bool = False,
 ) -> Runner:
     """Trains the model of a config, as ``tools/train.py`` does.
+
+    The checkpoint resumed from, or the config's ``load_from``, is checked
+    first (:func:`check_checkpoint`); the project's hooks are named in the
+    config (:func:`~mmacmix.apis.hooks.add_project_hooks`).
 
     Args:
         config (str): Path of an mmdet or mmseg config.
@@ -176,8 +231,11 @@ def train(
         amp (bool): Mixed precision (``AmpOptimWrapper``); needs a GPU.
         cfg_options (dict, optional): Config overrides, merged last.
         launcher (str): ``'none'``, ``'pytorch'`` or ``'slurm'``.
-        strict (bool): Whether the checkpoint resumed from must fit the
-            model exactly. Defaults to True.
+        strict (bool): Whether the checkpoint resumed or loaded from must
+            fit the model exactly. Defaults to True.
+        trust (bool): Unpickle any checkpoint read during the run
+            (``weights_only=False``), not only weights: for files you
+            trust. Defaults to False.
 
     Returns:
         Runner: The runner after training.
@@ -186,23 +244,28 @@ def train(
         ValueError: If ``amp`` is asked for on a machine without a GPU, or
             the checkpoint to resume from is no training checkpoint.
         KeyMismatchError: If that checkpoint does not fit the model.
+        UntrustedCheckpointError: If a checkpoint needs more than weights
+            and ``trust`` is False.
     """
-    cfg = load_config(config, work_dir, cfg_options)
-    if amp:
-        enable_amp(cfg)
-    checkpoint = None
-    if resume == 'auto' or resume is True:
-        cfg.resume = True
-        cfg.load_from = None
-        checkpoint = find_latest_checkpoint(cfg.work_dir)
-    elif resume:
-        cfg.resume = True
-        cfg.load_from = checkpoint = resume
-    setup_distributed(cfg, launcher)
-    if checkpoint:
-        check_checkpoint(cfg, checkpoint, resume=True, strict=strict)
-    runner = build_runner(cfg)
-    runner.train()
+    with trusted_checkpoints(trust):
+        cfg = load_config(config, work_dir, cfg_options)
+        if amp:
+            enable_amp(cfg)
+        checkpoint, option = cfg.get('load_from'), 'load_from'
+        if resume == 'auto' or resume is True:
+            cfg.resume = True
+            cfg.load_from = None
+            checkpoint, option = find_latest_checkpoint(cfg.work_dir), 'resume'
+        elif resume:
+            cfg.resume = True
+            cfg.load_from = checkpoint = resume
+            option = 'resume'
+        setup_distributed(cfg, launcher)
+        if checkpoint:
+            check_checkpoint(cfg, checkpoint, strict=strict, command=option)
+        fetch_pretrained(cfg.model)
+        runner = build_runner(add_project_hooks(cfg), strict=strict)
+        runner.train()
     return runner
 
 
@@ -233,6 +296,7 @@ def test(
     launcher: str = 'none',
     metrics_out: str | None = None,
     strict: bool = True,
+    trust: bool = False,
 ) -> dict:
     """Evaluates a checkpoint on the config's test split.
 
@@ -246,6 +310,8 @@ def test(
             file (from the main process; its folder is created).
         strict (bool): Whether the checkpoint must fit the model exactly.
             Defaults to True (MMEngine loads non-strictly).
+        trust (bool): Unpickle any checkpoint (``weights_only=False``), not
+            only weights: for files you trust. Defaults to False.
 
     Returns:
         dict: The metrics, e.g. ``{'coco/bbox_mAP': 0.41, ...}``.
@@ -253,18 +319,20 @@ def test(
     Raises:
         OSError: If ``metrics_out`` cannot be written or the checkpoint
             cannot be read (checked before any work).
-        ValueError: If the checkpoint is no checkpoint.
+        ValueError: If the checkpoint is no checkpoint, or needs more than
+            weights and ``trust`` is False.
         KeyMismatchError: If it does not fit the model (and ``strict``).
     """
     if metrics_out:
         check_destination(metrics_out, force=True, what='--metrics-out')
-    cfg = load_config(config, work_dir, cfg_options)
-    setup_distributed(cfg, launcher)
-    check_checkpoint(cfg, checkpoint, strict=strict)
-    cfg.load_from = checkpoint
-    cfg.resume = False
-    runner = build_runner(cfg)
-    metrics = runner.test()
+    with trusted_checkpoints(trust):
+        cfg = load_config(config, work_dir, cfg_options)
+        setup_distributed(cfg, launcher)
+        check_checkpoint(cfg, checkpoint, strict=strict, command='test')
+        cfg.load_from = checkpoint
+        cfg.resume = False
+        runner = build_runner(add_project_hooks(cfg), strict=strict)
+        metrics = runner.test()
     metrics = {key: _plain(value) for key, value in metrics.items()}
     if metrics_out and runner.rank == 0:
         with atomic_path(metrics_out) as partial, open(partial, 'w') as file:
@@ -273,51 +341,96 @@ def test(
 
 
 def check_checkpoint(
-    cfg: Config, path: str, resume: bool = False, strict: bool = True
+    cfg: Config,
+    path: str,
+    resume: bool = False,
+    strict: bool = True,
+    command: str | None = None,
 ) -> None:
     """Checks, before the Runner is built, that ``path`` fits ``cfg``.
 
     MMEngine loads checkpoints non-strictly: a file that does not fit the
-    model (a backbone alone, another model) is evaluated as if it were
-    trained, and shows as mAP 0. Here the file is read and loaded strictly
-    into a model built from ``cfg.model``, with the ``module.`` prefix
-    removed as MMEngine does.
+    model (a backbone alone, a torchvision classifier) is evaluated as if
+    it were trained, or trained from as if nothing were missing, with one
+    warning in the log. Here the file is read (see
+    :func:`~mmacmix.checkpoint.read_checkpoint`) and loaded strictly into a
+    model built from ``cfg.model``, with the ``module.`` prefix removed as
+    MMEngine does. The error says what the file seems to hold and how to
+    use it with this config (as ``--cfg-options`` of ``tools/train.py``).
 
     Args:
         cfg (Config): The run's config, ready for the Runner.
-        path (str): The checkpoint (a local file).
+        path (str): The checkpoint (a local file or URL).
         resume (bool): It must also hold the training state (``meta``
             with the epoch and iteration). Defaults to False.
         strict (bool): Whether the keys must fit; if not, only the file
             itself is checked. Defaults to True.
+        command (str, optional): What loads it: ``'test'``,
+            ``'load_from'`` or ``'resume'`` (implies ``resume``), for the
+            message. Defaults to ``'resume'`` if ``resume``, else
+            ``'test'``.
 
     Raises:
         OSError: If the file is missing or a folder.
-        ValueError: If it is not a checkpoint, holds no state dict or, for
-            ``resume``, no training state.
+        ValueError: If it is not a checkpoint, holds no state dict, needs
+            more than weights (:class:`~mmacmix.checkpoint.
+            UntrustedCheckpointError`) or, for ``resume``, holds no
+            training state.
         KeyMismatchError: If ``strict`` and its keys or shapes do not fit
             ``cfg.model``; the message says what the file seems to hold.
     """
-    if '://' in path:
-        return  # remote files are MMEngine's business
+    command = command or ('resume' if resume else 'test')
+    resume = resume or command == 'resume'
     checkpoint = read_checkpoint(path)
+    state_dict = state_dict_of(checkpoint, path)
     meta = checkpoint.get('meta')
-    if resume and not (isinstance(meta, Mapping) and 'iter' in meta):
+    trained = isinstance(meta, Mapping) and 'iter' in meta
+    if not (strict or resume and not trained):
+        return
+    try:
+        load_state_dict_strictly(
+            build_model(cfg), state_dict, path, _advice(cfg, path, meta)
+        )
+    except KeyMismatchError as error:
+        if trained or not resume:
+            raise
+        mismatch = f' It does not fit the model either: {error}'
+    else:
+        mismatch = (
+            ' To start a new run from its weights (they fit the model), '
+            f'use --cfg-options load_from={path} instead of --resume.'
+        )
+    if resume and not trained:
         raise ValueError(
             f'{path!r} holds no training state (no meta with the epoch and '
-            'iteration); expected a checkpoint written by tools/train.py. '
-            'To start a new run from its weights, use --cfg-options '
-            f'load_from={path} instead of --resume.'
+            'iteration); expected a checkpoint written by tools/train.py.'
+            + mismatch
         )
-    state_dict = state_dict_of(checkpoint, path)
-    if not strict:
-        return
-    state_dict = {
-        key.removeprefix('module.'): value for key, value in state_dict.items()
-    }
-    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-        model = MODELS.build(cfg.model)
-    load_state_dict_strictly(model, state_dict, path)
+
+
+def _advice(cfg: Config, path: str, meta) -> LoadAdvice:
+    """The fixes of :func:`check_checkpoint`'s hints, as options of
+    ``tools/train.py`` (or of the command at hand) for ``cfg``."""
+    from mmacmix.deploy.reparameterize import deploy_options
+
+    options = meta.get('cfg_options') if isinstance(meta, Mapping) else None
+    options = options or deploy_options(cfg.model)
+    config = getattr(cfg, 'filename', None) or 'CONFIG'
+
+    def pretrained(checkpoint: str, prefix: str | None) -> str:
+        init = 'model.backbone.init_cfg'
+        return (
+            f'tools/train.py {config} --cfg-options {init}.type=Pretrained '
+            f'{init}.checkpoint={checkpoint}'
+            + (f' {init}.prefix={prefix}' if prefix else '')
+        )
+
+    return LoadAdvice(
+        source=path,
+        pretrained=pretrained,
+        deploy=f'add --cfg-options {" ".join(options)}',
+        whole_model=True,
+    )
 
 
 def _plain(value):

@@ -37,7 +37,7 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
-from mmacmix.apis import build_runner, load_config
+from mmacmix.apis import add_project_hooks, build_runner, load_config
 from mmacmix.apis.inference import infer_command_after_training
 from mmacmix.configs import find_config
 from mmacmix.datasets import ShapesSpec, generate_shapes_dataset
@@ -288,7 +288,7 @@ def train_quietly(
     """
     console = sys.stdout
     with contextlib.redirect_stdout(io.StringIO()):
-        runner = build_runner(cfg)
+        runner = build_runner(add_project_hooks(cfg))
     _quiet_console(runner.logger, console)
     progress_hook = ProgressHook(
         cfg.train_cfg.max_iters,

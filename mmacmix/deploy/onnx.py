@@ -31,6 +31,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mmacmix.checkpoint import (
+    DownloadError,
+    fetch_pretrained,
+    trusted_checkpoints,
+)
 from mmacmix.fileio import atomic_path, check_destination
 from mmacmix.models.utils import load_pretrained, read_state_dict
 
@@ -51,7 +56,9 @@ DEFAULT_OPSET = 17  # LayerNormalization is native from opset 17
 
 
 def load_backbone_cfg(
-    config: str | None = None, backbone_cfg: str | Mapping | None = None
+    config: str | None = None,
+    backbone_cfg: str | Mapping | None = None,
+    cfg_options: Mapping | None = None,
 ) -> dict:
     """Returns a backbone config from a config file or a literal.
 
@@ -62,38 +69,46 @@ def load_backbone_cfg(
             a dict, a path to a JSON file, or a JSON / Python dict literal
             such as ``"dict(type='mmacmix.ACmixResNet', depth=26)"`` or
             ``'{"type": "mmacmix.ACmixResNet", "depth": 26}'``.
+        cfg_options (Mapping, optional): ``--cfg-options`` overrides,
+            merged last; a literal ``backbone_cfg`` is ``model.backbone``
+            for them too (``model.backbone.init_cfg=None``).
 
     Raises:
         ValueError: If neither or both are given, the literal is no dict, or
             the config has no ``model.backbone``.
         FileNotFoundError: If ``config`` does not exist.
     """
+    from mmengine.config import Config
+
     if (config is None) == (backbone_cfg is None):
         raise ValueError('give exactly one of config and backbone_cfg')
     if config is not None:
-        from mmengine.config import Config
-
         if not osp.isfile(config):
             raise FileNotFoundError(f'config {config!r} does not exist')
         cfg = Config.fromfile(config)
-        model = cfg.get('model')
-        if not isinstance(model, Mapping) or not isinstance(
-            model.get('backbone'), Mapping
-        ):
-            raise ValueError(f'{config} has no model.backbone to export')
-        backbone = _plain(model['backbone'])
-        scope = cfg.get('default_scope')
-        if scope and '.' not in backbone.get('type', '.'):
-            # A backbone of the config's codebase (mmdet's ResNet in the
-            # drop-in configs) is built from that codebase's registry.
-            backbone['type'] = f'{scope}.{backbone["type"]}'
-        return backbone
-    if isinstance(backbone_cfg, Mapping):
-        return _plain(backbone_cfg)
-    if osp.isfile(backbone_cfg):
+    elif isinstance(backbone_cfg, Mapping):
+        cfg = Config(dict(model=dict(backbone=_plain(backbone_cfg))))
+    elif osp.isfile(backbone_cfg):
         with open(backbone_cfg) as file:
-            return _checked_dict(json.load(file), backbone_cfg)
-    return _checked_dict(_parse_literal(backbone_cfg), backbone_cfg)
+            literal = _checked_dict(json.load(file), backbone_cfg)
+        cfg = Config(dict(model=dict(backbone=literal)))
+    else:
+        literal = _checked_dict(_parse_literal(backbone_cfg), backbone_cfg)
+        cfg = Config(dict(model=dict(backbone=literal)))
+    if cfg_options:
+        cfg.merge_from_dict(dict(cfg_options))
+    model = cfg.get('model')
+    if not isinstance(model, Mapping) or not isinstance(
+        model.get('backbone'), Mapping
+    ):
+        raise ValueError(f'{config} has no model.backbone to export')
+    backbone = _plain(model['backbone'])
+    scope = cfg.get('default_scope')
+    if scope and '.' not in backbone.get('type', '.'):
+        # A backbone of the config's codebase (mmdet's ResNet in the
+        # drop-in configs) is built from that codebase's registry.
+        backbone['type'] = f'{scope}.{backbone["type"]}'
+    return backbone
 
 
 def _parse_literal(text: str) -> object:
@@ -157,7 +172,9 @@ def _plain(cfg: Mapping) -> dict:
     return cfg
 
 
-def build_backbone(cfg: Mapping, checkpoint: str | None = None) -> nn.Module:
+def build_backbone(
+    cfg: Mapping, checkpoint: str | None = None, trust: bool = False
+) -> nn.Module:
     """Builds a backbone for export: weights loaded, eval mode, deployed.
 
     Args:
@@ -167,46 +184,61 @@ def build_backbone(cfg: Mapping, checkpoint: str | None = None) -> nn.Module:
             ``backbone.`` keys are used), or a bare backbone state dict.
             Without it the config's ``init_cfg`` decides (a ``Pretrained``
             entry must exist: a missing file raises ``FileNotFoundError``
-            naming it).
+            naming it; a URL is downloaded first, and one that cannot be
+            raises ``OSError`` naming it and how to do without).
+        trust (bool): Unpickle checkpoints that hold more than weights
+            (see :func:`mmacmix.checkpoint.read_checkpoint`). Defaults to
+            False.
 
     Returns:
         nn.Module: The backbone in eval mode, SyncBN replaced by BN and
         re-parameterisable ops (X-volution) in their deployed form.
     """
     from mmengine.logging import MMLogger
-    from mmengine.model import revert_sync_batchnorm
 
     import mmacmix.models  # noqa: F401  (registers the backbones)
-    from mmacmix.registry import MODELS
+    from mmacmix.apis.runner import build_model
 
     cfg = _plain(cfg)
-    state_dict = None
-    if checkpoint is not None:
-        state_dict = read_state_dict(checkpoint)
-        # The given weights replace whatever init_cfg would load.
-        cfg.pop('init_cfg', None)
-        if any(key.endswith('.dynamic_weight') for key in state_dict):
-            # Written after switch_to_deploy() (mmacmix.deploy.
-            # reparameterize): only the deployed form has these keys. In a
-            # drop-in backbone the X-volution op is the dcn entry.
-            target = cfg['dcn'] if isinstance(cfg.get('dcn'), dict) else cfg
-            target['deploy'] = True
-    model = MODELS.build(cfg)
-    if state_dict is None:
-        # MMEngine logs every parameter's initialisation at INFO level.
-        logger = MMLogger.get_current_instance()
-        level = logger.level
-        logger.setLevel(logging.WARNING)
-        try:
-            model.init_weights()
-        finally:
-            logger.setLevel(level)
-    else:
-        prefix = 'backbone.'
-        if not any(key.startswith(prefix) for key in state_dict):
-            prefix = None
-        load_pretrained(model, checkpoint, prefix)
-    model = revert_sync_batchnorm(model)
+    with trusted_checkpoints(trust):
+        state_dict = None
+        if checkpoint is not None:
+            state_dict = read_state_dict(checkpoint)
+            # The given weights replace whatever init_cfg would load.
+            cfg.pop('init_cfg', None)
+            if any(key.endswith('.dynamic_weight') for key in state_dict):
+                # Written after switch_to_deploy() (mmacmix.deploy.
+                # reparameterize): only the deployed form has these keys.
+                # In a drop-in backbone the X-volution op is the dcn entry.
+                target = (
+                    cfg['dcn'] if isinstance(cfg.get('dcn'), dict) else cfg
+                )
+                target['deploy'] = True
+        model = build_model(dict(model=cfg))
+        if state_dict is None:
+            try:
+                fetch_pretrained(cfg)
+            except DownloadError as error:
+                raise OSError(
+                    f'{error.source} ({error.url}), the init_cfg of the '
+                    f'backbone, could not be downloaded ({error.reason}): '
+                    'pass a CHECKPOINT to export, or --cfg-options '
+                    'model.backbone.init_cfg=None to export random weights '
+                    f'(or copy the file to {error.path})'
+                ) from None
+            # MMEngine logs every parameter's initialisation at INFO level.
+            logger = MMLogger.get_current_instance()
+            level = logger.level
+            logger.setLevel(logging.WARNING)
+            try:
+                model.init_weights()
+            finally:
+                logger.setLevel(level)
+        else:
+            prefix = 'backbone.'
+            if not any(key.startswith(prefix) for key in state_dict):
+                prefix = None
+            load_pretrained(model, checkpoint, prefix)
     model.eval()  # mmdet's ResNet.train() returns None, not the module
     switch_to_deploy(model, strict=False)
     return model

@@ -11,10 +11,9 @@ the ``--cfg-options`` under which the config loads the new file (e.g.
 from collections.abc import Mapping
 
 import torch
-from mmengine.config import Config
-from mmengine.registry import MODELS, init_default_scope
 from torch import Tensor, nn
 
+from mmacmix.apis.runner import build_model, load_config
 from mmacmix.checkpoint import (
     load_state_dict_strictly,
     read_checkpoint,
@@ -75,12 +74,6 @@ def switch_to_deploy(model: nn.Module, strict: bool = True) -> None:
             module.switch_to_deploy()
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """Builds ``cfg.model`` in the config's default scope."""
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    return MODELS.build(cfg.model)
-
-
 @torch.no_grad()
 def probe(model: nn.Module, channels: int = 3) -> list[Tensor]:
     """Runs the backbone (or the model) on a fixed random image batch."""
@@ -97,6 +90,7 @@ def reparameterize(
     out: str,
     cfg_options: dict | None = None,
     force: bool = False,
+    trust: bool = False,
 ) -> list[str]:
     """Writes the deployed form of a trained model; see the module doc.
 
@@ -108,6 +102,9 @@ def reparameterize(
         cfg_options (dict, optional): Overrides of the config. Defaults to
             None.
         force (bool): Overwrite an existing ``out``. Defaults to False.
+        trust (bool): Unpickle ``checkpoint`` even if it holds more than
+            weights (see :func:`mmacmix.checkpoint.read_checkpoint`).
+            Defaults to False.
 
     Returns:
         list[str]: The ``--cfg-options`` entries that load ``out``.
@@ -115,13 +112,14 @@ def reparameterize(
     Raises:
         OSError: If ``out`` exists (and ``force`` is False) or cannot be
             written, or ``checkpoint`` cannot be read (checked first).
-        ValueError: If the checkpoint is no checkpoint or is deployed
-            already, the model has no X-volution, or the outputs changed.
+        ValueError: If the checkpoint is no checkpoint, needs more than
+            weights (and ``trust`` is False) or is deployed already, the
+            model has no X-volution, or the outputs changed.
         KeyMismatchError: If the checkpoint does not fit the config's
             model.
     """
     check_destination(out, force, 'checkpoint')
-    source = read_checkpoint(checkpoint)
+    source = read_checkpoint(checkpoint, trust=trust)
     state_dict = state_dict_of(source, checkpoint)
     meta = source.get('meta') if 'state_dict' in source else None
     meta = dict(meta) if isinstance(meta, Mapping) else {}
@@ -136,9 +134,7 @@ def reparameterize(
             f'expected a trained checkpoint. Load it as it is, with '
             f'--cfg-options {loaded_with}'
         )
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = load_config(config, cfg_options=cfg_options)
     options = deploy_options(cfg.model)
     if not options:
         raise ValueError(

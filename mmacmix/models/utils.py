@@ -8,7 +8,6 @@ backbones' ``arch``, ``out_indices`` and ``frozen_stages``.
 import os.path as osp
 from collections.abc import Callable, Mapping, Sequence
 
-from mmengine.runner.checkpoint import CheckpointLoader
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -95,24 +94,21 @@ def load_pretrained(
 def read_state_dict(checkpoint: str) -> Mapping[str, Tensor]:
     """Reads the state dict of a checkpoint file or URL.
 
-    Local files are read with ``weights_only=False`` so that Runner
-    checkpoints (which hold more than tensors) load on torch >= 2.6.
+    Read by :func:`mmacmix.checkpoint.read_checkpoint`: with
+    ``weights_only=True`` unless inside ``trusted_checkpoints()``.
 
     Raises:
         FileNotFoundError: If a local ``checkpoint`` does not exist.
-        ValueError: If it is unreadable or holds no state dict.
+        ValueError: If it is unreadable, holds no state dict or needs more
+            than weights.
     """
-    if '://' in checkpoint:
-        data = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    elif not osp.exists(checkpoint):
+    if '://' not in checkpoint and not osp.exists(checkpoint):
         raise FileNotFoundError(
             f'pretrained checkpoint {checkpoint!r} does not exist; '
             'convert the official weights first (see README, '
             '"Converting checkpoints")'
         )
-    else:
-        data = read_checkpoint(checkpoint)
-    return state_dict_of(data, checkpoint)
+    return state_dict_of(read_checkpoint(checkpoint), checkpoint)
 
 
 def square_argument(owner: str, name: str, value: int | Sequence[int]) -> int:

@@ -10,7 +10,6 @@ buffer names, so its state dict has the layout of a released checkpoint.
 
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -207,9 +206,10 @@ def randomise(model: nn.Module) -> nn.Module:
 
 
 def released_checkpoint(reference: nn.Module) -> dict:
-    """A file laid out like the released ones (config: a yacs node there)."""
-    config = types.SimpleNamespace(
-        MODEL=types.SimpleNamespace(
+    """A file laid out like the released ones (config: a yacs node there,
+    which test_cli_reads_a_release_whose_config_class_is_absent pickles)."""
+    config = dict(
+        MODEL=dict(
             TYPE='swin_acmix', NAME='acmix_swin_tiny_patch4_window7_224'
         )
     )
@@ -447,17 +447,22 @@ def test_pretrained_init_cfg_with_fewer_outputs(converted):
 
 
 def test_cli_reads_a_release_whose_config_class_is_absent(reference, tmp_path):
-    # The released files pickle a yacs CfgNode; yacs is no dependency here.
-    module = 'absent_release_config'
-    (tmp_path / f'{module}.py').write_text('class CfgNode(dict):\n    pass\n')
+    # The released files pickle a yacs CfgNode; yacs is no dependency here,
+    # and the node is read (weights_only=True) as an OrderedDict.
+    package = tmp_path / 'yacs'
+    package.mkdir()
+    (package / '__init__.py').write_text('')
+    (package / 'config.py').write_text('class CfgNode(dict):\n    pass\n')
     sys.path.insert(0, str(tmp_path))
     try:
-        node = __import__(module).CfgNode(MODEL={'TYPE': 'swin_acmix'})
+        node = __import__('yacs.config').config.CfgNode(
+            MODEL={'TYPE': 'swin_acmix'}
+        )
         checkpoint = dict(released_checkpoint(reference), config=node)
         torch.save(checkpoint, tmp_path / 'release.pth')
     finally:
         sys.path.remove(str(tmp_path))
-        del sys.modules[module]
+        del sys.modules['yacs.config'], sys.modules['yacs']
     dst = tmp_path / 'converted.pth'
     convert_cli(
         convert_acmix_swin, 'test', [str(tmp_path / 'release.pth'), str(dst)]

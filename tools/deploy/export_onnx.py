@@ -5,7 +5,10 @@ python tools/deploy/export_onnx.py --backbone-cfg CFG [CHECKPOINT] OUT.
 CONFIG is an mmdet/mmseg config whose model.backbone is exported; CFG is the
 backbone config itself (JSON, a dict(...) literal or a JSON file).
 CHECKPOINT (a converted backbone, detector or segmentor checkpoint) is
-loaded strictly; without it the config's init_cfg decides. X-volution is
+loaded strictly; without it the config's init_cfg decides (a URL there is
+downloaded; --cfg-options model.backbone.init_cfg=None exports random
+weights). Checkpoints are read with torch.load(weights_only=True);
+--trust-checkpoint reads any file you trust. X-volution is
 exported in its deployed form. The graph is checked with onnxruntime against
 PyTorch at two sizes before OUT is written; an existing OUT is kept unless
 --force is given.
@@ -14,7 +17,9 @@ PyTorch at two sizes before OUT is written; an existing OUT is kept unless
 import argparse
 import warnings
 
-from mmacmix.cli import add_debug_flag, exit_on_error
+from mmengine.config import DictAction
+
+from mmacmix.cli import add_debug_flag, add_trust_flag, exit_on_error
 from mmacmix.deploy import (
     DEFAULT_ATOL,
     DEFAULT_OPSET,
@@ -39,6 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         '--backbone-cfg',
         help="backbone config: JSON, dict(type='mmacmix.ACmixResNet', ...) "
         'or a JSON file',
+    )
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of CONFIG (or of --backbone-cfg, as '
+        'model.backbone), e.g. model.backbone.init_cfg=None',
     )
     parser.add_argument(
         '--shape',
@@ -72,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         '--force', action='store_true', help='overwrite OUT if it exists'
     )
+    add_trust_flag(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     positional = 1 if args.backbone_cfg is None else 0
@@ -92,9 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with exit_on_error(args.debug):
         check_destination(args.out, args.force, 'ONNX file')
-        cfg = load_backbone_cfg(args.config, args.backbone_cfg)
-        model = build_backbone(cfg, args.checkpoint)
-        if args.checkpoint is None and 'init_cfg' not in cfg:
+        cfg = load_backbone_cfg(
+            args.config, args.backbone_cfg, args.cfg_options
+        )
+        model = build_backbone(cfg, args.checkpoint, args.trust_checkpoint)
+        if args.checkpoint is None and cfg.get('init_cfg') is None:
             warnings.warn(
                 'no checkpoint and no init_cfg: exporting randomly '
                 'initialised weights',
