@@ -2,20 +2,22 @@
 
     python tools/infer.py CONFIG CHECKPOINT INPUT [INPUT ...] --out-dir DIR
         [--device DEVICE] [--score-thr T] [--cfg-options KEY=VALUE ...]
-        [--debug]
+        [--trust-checkpoint] [--debug]
 
 The config's default_scope (mmdet or mmseg) decides which inferencer runs.
 DIR receives vis/ (the images with the predictions drawn) and preds/ (one
 JSON file of boxes, scores, labels and masks per image for detection, one
 PNG of class indices for segmentation). CHECKPOINT must fit the config's
-model exactly; everything is checked before anything is written.
+model exactly and is read with torch.load(weights_only=True)
+(--trust-checkpoint reads a file you trust that holds more); everything is
+checked before anything is written.
 """
 
 import argparse
 
 from mmacmix.apis.inference import infer
 from mmacmix.apis.runner import DictAction
-from mmacmix.cli import add_debug_flag, exit_on_error
+from mmacmix.cli import add_debug_flag, add_trust_flag, exit_on_error
 
 
 def probability(text: str) -> float:
@@ -56,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=DictAction,
         help='override config entries, e.g. model.backbone.deploy=True',
     )
+    add_trust_flag(parser)
     add_debug_flag(parser)
     return parser.parse_args(argv)
 
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             device=args.device,
             score_thr=args.score_thr,
             cfg_options=args.cfg_options,
+            trust=args.trust_checkpoint,
         )
     count = len(result.images)
     print(

@@ -214,6 +214,7 @@ def infer(
     score_thr: float | None = None,
     cfg_options: dict | None = None,
     progress: bool = True,
+    trust: bool = False,
 ) -> InferenceResult:
     """Runs the model of ``config`` with ``checkpoint`` on images.
 
@@ -234,6 +235,9 @@ def infer(
             X-volution).
         progress (bool): Show a progress bar when there are several
             images. Defaults to True.
+        trust (bool): Read a checkpoint that holds more than weights
+            (``weights_only=False``): only a file you trust. Defaults to
+            False.
 
     Returns:
         InferenceResult: The files written.
@@ -258,7 +262,7 @@ def infer(
             '--score-thr applies to detection configs only; '
             f'{config!r} is a {task} config'
         )
-    inferencer = build_inferencer(cfg, checkpoint, device)
+    inferencer = build_inferencer(cfg, checkpoint, device, trust)
     result = InferenceResult(task=inferencer.task)
     for image in _track(images, progress and len(images) > 1):
         pred, picture = inferencer.run_one(
@@ -306,13 +310,17 @@ def load_inference_config(
     return cfg
 
 
-def build_inferencer(cfg: Config, checkpoint: str, device: str = 'cpu'):
+def build_inferencer(
+    cfg: Config, checkpoint: str, device: str = 'cpu', trust: bool = False
+):
     """Builds the inferencer of a config, its checkpoint read and checked.
 
     Args:
         cfg (Config): A config from :func:`load_inference_config`.
         checkpoint (str): A checkpoint that fits the config's model.
         device (str): Where the model runs. Defaults to ``'cpu'``.
+        trust (bool): Read a checkpoint that holds more than weights
+            (``weights_only=False``). Defaults to False.
 
     Returns:
         A subclass of mmdet's ``DetInferencer`` or mmseg's
@@ -323,68 +331,25 @@ def build_inferencer(cfg: Config, checkpoint: str, device: str = 'cpu'):
         ValueError: If the checkpoint cannot be read.
         KeyMismatchError: If it does not fit the model.
     """
-    weights = read_weights(checkpoint)
+    weights = read_weights(checkpoint, trust)
     state_dict_of(weights, checkpoint)  # a clear error if it holds none
     inferencer_class = _inferencer_class(cfg.default_scope)
     with _quiet_mmengine():
         return inferencer_class(cfg, weights, checkpoint, device)
 
 
-def read_weights(path: str) -> Mapping:
-    """Reads a checkpoint with ``weights_only=True``.
-
-    A Runner checkpoint holds NumPy arrays and MMEngine's ``HistoryBuffer``
-    in its message hub: exactly those globals are allowed, for this read
-    only.
+def read_weights(path: str, trust: bool = False) -> Mapping:
+    """Reads a checkpoint with ``weights_only=True`` (unless ``trust``):
+    :func:`mmacmix.checkpoint.read_checkpoint`, the reader of every
+    command.
 
     Raises:
         OSError: If ``path`` is missing or a folder.
-        ValueError: If it is no checkpoint, or needs another global (named
-            in the message).
+        ValueError: If it is no checkpoint, or needs another object than
+            a checkpoint holds (named in the message) and ``trust`` is
+            False.
     """
-    from mmengine.logging import HistoryBuffer
-
-    core = np._core if hasattr(np, '_core') else np.core  # NumPy 2, 1
-    multiarray = core.multiarray
-    allowed = [
-        multiarray.scalar,
-        multiarray._reconstruct,
-        np.dtype,
-        np.ndarray,
-        HistoryBuffer,
-        getattr,  # HistoryBuffer pickles its bound statistics methods
-    ]
-    allowed += [
-        getattr(np.dtypes, name)
-        for name in dir(np.dtypes)
-        if name.endswith('DType')
-    ]
-    if not osp.isfile(path):
-        read_checkpoint(path)  # raises its error for a missing file or folder
-    try:
-        with torch.serialization.safe_globals(allowed):
-            data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # torch raises many types for bad files
-        found = ' '.join(str(error).split())
-        marker = 'WeightsUnpickler error: '
-        if marker in found:
-            found = found.split(marker, 1)[1].split(' Check the doc')[0]
-            raise ValueError(
-                f'{path!r} needs an object that a checkpoint does not need '
-                f'to be loaded ({found.rstrip(". ")}); only load files you '
-                'trust'
-            ) from error
-        raise ValueError(
-            f'{path!r} is not a readable PyTorch checkpoint (truncated or '
-            f'another format: {type(error).__name__}: {found.split(". ")[0]}'
-            '); expected a file written by torch.save'
-        ) from error
-    if not isinstance(data, Mapping):
-        raise ValueError(
-            f'{path!r} holds a {type(data).__name__}, not a checkpoint dict; '
-            "expected a state dict or a dict with one under 'state_dict'"
-        )
-    return data
+    return read_checkpoint(path, trust=trust)
 
 
 def infer_command(
@@ -418,9 +383,7 @@ def infer_command_after_training(cfg: Config, out_dir: str) -> str:
         prefix.get('img') or prefix.get('img_path') or '',
     )
     image = collect_images([folder])[0]
-    return infer_command(
-        config, checkpoint, image, osp.join(out_dir, 'infer')
-    )
+    return infer_command(config, checkpoint, image, osp.join(out_dir, 'infer'))
 
 
 def _infer_tool() -> str:

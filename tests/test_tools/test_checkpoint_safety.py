@@ -19,6 +19,7 @@ import zipfile
 from fractions import Fraction
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -200,6 +201,17 @@ def test_export_and_reparameterize_refuse_it(
             ('deploy/reparameterize.py', [config, path, 'out.pth']),
         ):
             assert_refused(*run(tool(script), args, capsys), marker)
+    assert listing(tmp_path) == before
+
+
+def test_infer_refuses_it(malicious, marker, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    image = tmp_path / 'image.png'
+    cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
+    before = listing(tmp_path)
+    for path in (malicious['zip'], malicious['pickle2']):
+        args = [DEMO_CONFIG, path, image, '--out-dir', tmp_path / 'out']
+        assert_refused(*run(tool('infer.py'), args, capsys), marker)
     assert listing(tmp_path) == before
 
 

@@ -283,8 +283,7 @@ def bad_cases(detector, segmentor, folder: Path) -> list[tuple]:
         ),
         (
             [config, evil, image],
-            f"'{evil}' needs an object that a checkpoint does not need to "
-            'be loaded (',
+            f"'{evil}' was not loaded: unpickling it needs ",
         ),
         (
             [config, folder / 'missing.pth', image],
