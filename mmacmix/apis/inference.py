@@ -517,10 +517,14 @@ def _label_png(labels: np.ndarray) -> bytes:
 
 
 def _write_picture(picture: np.ndarray, out_dir: str, image: str) -> str:
-    """Writes a drawn image (RGB) as ``vis/NAME``, in the input's format."""
-    path = osp.join(out_dir, 'vis', osp.basename(image))
+    """Writes a drawn image (RGB) as ``vis/NAME``, in the input's format
+    (PNG for a grey-only ``.pgm``)."""
+    stem, suffix = osp.splitext(osp.basename(image))
+    if suffix.lower() == '.pgm':
+        suffix = '.png'
+    path = osp.join(out_dir, 'vis', stem + suffix)
     ok, encoded = cv2.imencode(
-        osp.splitext(image)[1], np.ascontiguousarray(picture[..., ::-1])
+        suffix, np.ascontiguousarray(picture[..., ::-1])
     )
     if not ok:
         raise OSError(f'could not encode the drawn image {path!r}')

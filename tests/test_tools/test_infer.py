@@ -19,12 +19,17 @@ import runpy
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mmacmix.apis.inference import collect_images, infer_command
+from mmacmix.apis.inference import (
+    _write_picture,
+    collect_images,
+    infer_command,
+)
 from mmacmix.datasets import ShapesSpec, generate_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -222,6 +227,21 @@ def test_inputs_are_listed_once_in_order(tmp_path):
         f'{folder}/a.jpg',
         f'{folder}/b.png',
     ]
+
+
+def test_drawings_keep_the_input_format_and_colours(tmp_path):
+    picture = np.zeros((4, 6, 3), np.uint8)
+    picture[..., 0] = 255  # red, in the RGB order of the visualizers
+    for name, written in (
+        ('a.jpg', 'a.jpg'),
+        ('b.pgm', 'b.png'),  # PGM holds grey only
+        ('c.PNG', 'c.PNG'),
+    ):
+        path = _write_picture(picture, str(tmp_path), f'/in/{name}')
+        assert path == str(tmp_path / 'vis' / written)
+        blue, green, red = cv2.imread(path)[0, 0]
+        assert red > 200 and blue < 50 and green < 50
+    assert sorted(os.listdir(tmp_path / 'vis')) == ['a.jpg', 'b.png', 'c.PNG']
 
 
 class Pickled:
