@@ -23,7 +23,7 @@ at full resolution. Reasons:
   besides ACmix's own (``fc``, ``dep_conv``, ``rate1``, ``rate2``);
 * it costs nothing beyond the convolution path itself, which keeps the
   published budgets (counted as the paper does: 2.02G and 3.98G for T and
-  S, see the README). Projecting k and v a second time from the
+  S, see docs/en/model_zoo.md). Projecting k and v a second time from the
   full-resolution map would add ``2 * C^2`` multiply-adds per position in
   stages 1-3, +0.18 GFLOPs for PVT-T, 9% more than the published 2.0G;
 * the output keeps its full resolution: running the convolution path on
@@ -72,7 +72,7 @@ LN_EPS = 1e-6
 # one dense convolution (ACmixBase.fused_conv_path), wider ones factorised
 # (ACmixBase.conv_path); the results are equal. The shift convolution has
 # ``num_heads`` outputs per group, and with few of them its grouped form is
-# the slower one (README, Benchmarks: ``--tables pvt-conv-path``).
+# the slower one (docs/en/benchmarks.md: ``--tables pvt-conv-path``).
 FUSED_MAX_HEADS = 2
 
 

@@ -105,8 +105,8 @@ def read_state_dict(checkpoint: str) -> Mapping[str, Tensor]:
     if '://' not in checkpoint and not osp.exists(checkpoint):
         raise FileNotFoundError(
             f'pretrained checkpoint {checkpoint!r} does not exist; '
-            'convert the official weights first (see README, '
-            '"Converting checkpoints")'
+            'convert the official weights first (see '
+            'docs/en/converting_checkpoints.md)'
         )
     return state_dict_of(read_checkpoint(checkpoint), checkpoint)
 
