@@ -5,6 +5,8 @@
 #
 # Several machines: NNODES, NODE_RANK, MASTER_ADDR and PORT as for
 # tools/dist_train.sh.
+# The arguments are checked before torchrun starts; if a worker fails, its
+# own error line is printed last, after torchrun's report.
 # PYTHON: the interpreter (default: the environment tools/install.sh made,
 # see tools/find_python.sh).
 set -euo pipefail
@@ -17,9 +19,14 @@ checkpoint=$2
 nproc=$3
 shift 3
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=launch_checks.sh
+. "$here/launch_checks.sh"
+need_config "$config"
+need_checkpoint "$checkpoint"
+check_torchrun_settings "$nproc"
 # shellcheck source=find_python.sh
 . "$here/find_python.sh"
-exec "$python" -m torch.distributed.run \
+run_workers "$python" -m torch.distributed.run \
     --nnodes="${NNODES:-1}" \
     --node_rank="${NODE_RANK:-0}" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" \

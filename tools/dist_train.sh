@@ -6,6 +6,8 @@
 # NPROC processes per machine (GPUs, or CPU processes on a CPU-only torch,
 # which then use gloo). For several machines run the same command on each,
 # with the same MASTER_ADDR and PORT and NNODES, and NODE_RANK = 0..NNODES-1.
+# The arguments are checked before torchrun starts; if a worker fails, its
+# own error line is printed last, after torchrun's report.
 # PYTHON: the interpreter (default: the environment tools/install.sh made,
 # see tools/find_python.sh).
 set -euo pipefail
@@ -17,9 +19,13 @@ config=$1
 nproc=$2
 shift 2
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=launch_checks.sh
+. "$here/launch_checks.sh"
+need_config "$config"
+check_torchrun_settings "$nproc"
 # shellcheck source=find_python.sh
 . "$here/find_python.sh"
-exec "$python" -m torch.distributed.run \
+run_workers "$python" -m torch.distributed.run \
     --nnodes="${NNODES:-1}" \
     --node_rank="${NODE_RANK:-0}" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" \

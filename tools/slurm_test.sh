@@ -21,6 +21,13 @@ shift 4
 gpus=${GPUS:-8}
 gpus_per_node=${GPUS_PER_NODE:-8}
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=launch_checks.sh
+. "$here/launch_checks.sh"
+need_config "$config"
+need_checkpoint "$checkpoint"
+need_int GPUS "$gpus" 1
+need_int GPUS_PER_NODE "$gpus_per_node" 1
+need_int CPUS_PER_TASK "${CPUS_PER_TASK:-5}" 1
 if ! command -v srun >/dev/null; then
     echo "error: srun not found; $0 submits to a Slurm cluster." \
         "Elsewhere use tools/dist_*.sh or the Python tools." >&2

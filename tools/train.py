@@ -18,11 +18,16 @@ from mmengine.runner import Runner
 from mmacmix.apis import train
 from mmacmix.apis.dist import LAUNCHERS
 from mmacmix.apis.runner import DictAction
-from mmacmix.cli import add_debug_flag, add_trust_flag, exit_on_error
+from mmacmix.cli import (
+    ArgumentParser,
+    add_debug_flag,
+    add_trust_flag,
+    exit_on_error,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='config file')
     parser.add_argument(
         '--work-dir',

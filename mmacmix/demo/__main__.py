@@ -1,11 +1,14 @@
 """Train and evaluate ACmix Mask R-CNN on generated shapes, on the CPU.
 
     python -m mmacmix.demo [--out-dir work_dirs/demo] [--data-root
-        data/shapes] [--iters N] [--tiny] [--data-only] [--debug]
-        [--pretrain [--pretrain-iters N]] [--compare] [--seed N]
+        data/shapes] [--config CONFIG] [--iters N] [--tiny] [--data-only]
+        [--debug] [--pretrain [--pretrain-iters N]] [--compare] [--seed N]
 
 Generates the dataset if it is absent, trains, evaluates (COCO bbox and
 mask mAP) and writes metrics.json, loss_curve.png and predictions/*.png.
+--config trains another mmdet config on the shapes, or an mmseg one, e.g.
+configs/demo/acmix-r26_upernet_shapes.py (mIoU, and pictures of the
+predicted classes). A failed run leaves OUT_DIR as it was.
 
 --pretrain first pretrains ACmix-ResNet-26 with mmpretrain as a classifier
 of the shapes (crops of the dataset, in DATA_ROOT/cls; top-1 reported),
@@ -16,13 +19,13 @@ into OUT_DIR/<run>/ and the table of all into OUT_DIR/summary.md and
 summary.json.
 """
 
-import argparse
-
 from mmacmix.cli import (
+    ArgumentParser,
     add_debug_flag,
     exit_on_error,
     non_negative_int,
     positive_int,
+    start_command,
 )
 from mmacmix.datasets import generate_shape_crops, generate_shapes_dataset
 from mmacmix.fileio import check_folder
@@ -32,13 +35,18 @@ from .pipeline import DEMO_SHAPES, run_demo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    start_command()
+    parser = ArgumentParser(
         prog='python -m mmacmix.demo',
         description=__doc__.split('\n')[0],
     )
     parser.add_argument('--out-dir', default='work_dirs/demo')
     parser.add_argument('--data-root', default='data/shapes')
-    parser.add_argument('--config', help='Mask R-CNN config to train')
+    parser.add_argument(
+        '--config',
+        help='mmdet or mmseg config on the shapes to train (default: '
+        "the demo's ACmix Mask R-CNN)",
+    )
     parser.add_argument(
         '--iters',
         type=positive_int,
@@ -50,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         '--data-only',
         action='store_true',
-        help='only generate the dataset (e.g. for the UperNet config); '
+        help='only generate the dataset (e.g. for tools/train.py); '
         'with --pretrain, its classification crops too',
     )
     parser.add_argument(

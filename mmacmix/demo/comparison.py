@@ -14,7 +14,8 @@ in how the backbone starts or which operator it uses:
 
 Each run writes the plain demo's files into ``out_dir/<run>/``, the
 pretraining its own into ``out_dir/pretrain/``, and the table goes to
-``out_dir/summary.md`` and ``out_dir/summary.json``.
+``out_dir/summary.md`` and ``out_dir/summary.json``. If any step fails,
+``out_dir`` is left as it was.
 """
 
 import os.path as osp
@@ -28,13 +29,15 @@ from mmacmix.datasets import generate_shape_crops, generate_shapes_dataset
 from mmacmix.fileio import atomic_path
 
 from .pipeline import (
+    DETECTION,
     DemoResult,
     check_demo_arguments,
     check_iterations,
     cpu_name,
     default_config,
     demo_config,
-    train_detector,
+    kept_whole,
+    train_and_evaluate,
     write_json,
 )
 from .pretrain import PretrainResult, pretrain_classifier
@@ -215,71 +218,79 @@ def run_comparison(
     total = 1 + 2 * pretrain + len(runs)
     step = iter(f'[{i}/{total}]' for i in range(1, total + 1))
 
-    say(f'{next(step)} shapes dataset in {data_root} ...', end=' ', flush=True)
-    generate_shapes_dataset(data_root, spec)
-    say(f'{spec.num_train} train / {spec.num_val} val images')
-    pretrained = None
-    if pretrain:
-        crops = osp.join(data_root, 'cls')
-        say(f'{next(step)} shape crops in {crops} ...', end=' ', flush=True)
-        generate_shape_crops(data_root)
+    with kept_whole(out_dir):
         say(
-            f'{_count_lines(crops, "train")} train / '
-            f'{_count_lines(crops, "val")} val crops'
+            f'{next(step)} shapes dataset in {data_root} ...',
+            end=' ',
+            flush=True,
         )
-        pretrained = pretrain_classifier(
+        generate_shapes_dataset(data_root, spec)
+        say(f'{spec.num_train} train / {spec.num_val} val images')
+        pretrained = None
+        if pretrain:
+            crops = osp.join(data_root, 'cls')
+            say(
+                f'{next(step)} shape crops in {crops} ...', end=' ', flush=True
+            )
+            generate_shape_crops(data_root)
+            say(
+                f'{_count_lines(crops, "train")} train / '
+                f'{_count_lines(crops, "val")} val crops'
+            )
+            pretrained = pretrain_classifier(
+                data_root,
+                osp.join(out_dir, 'pretrain'),
+                tiny=tiny,
+                max_iters=pretrain_iters,
+                step=next(step),
+                progress=progress,
+                seed=seed,
+            )
+        configs = comparison_configs(
+            runs,
             data_root,
-            osp.join(out_dir, 'pretrain'),
+            out_dir,
             tiny=tiny,
-            max_iters=pretrain_iters,
-            step=next(step),
-            progress=progress,
+            max_iters=max_iters,
+            checkpoint=pretrained.checkpoint if pretrained else None,
             seed=seed,
         )
-    configs = comparison_configs(
-        runs,
-        data_root,
-        out_dir,
-        tiny=tiny,
-        max_iters=max_iters,
-        checkpoint=pretrained.checkpoint if pretrained else None,
-        seed=seed,
-    )
-    results = {}
-    for run in runs:
-        name = f'{run.backbone} Mask R-CNN {run.start}'
-        result = train_detector(
-            configs[run.name],
-            osp.join(out_dir, run.name),
-            name=name,
-            steps=(next(step), '     ', '     '),
-            num_images=num_images,
-            progress=progress,
-            title=f'{run.backbone} Mask R-CNN, {run.start} (CPU)',
-        )
-        metrics = result.metrics
-        say(
-            f'      bbox mAP {metrics.get("coco/bbox_mAP", float("nan")):.3f}'
-            f', mask mAP {metrics.get("coco/segm_mAP", float("nan")):.3f} '
-            f'({metrics["train_and_eval_seconds"]:.0f} s)'
-        )
-        results[run.name] = result
+        results = {}
+        for run in runs:
+            name = f'{run.backbone} Mask R-CNN {run.start}'
+            result = train_and_evaluate(
+                configs[run.name],
+                osp.join(out_dir, run.name),
+                name=name,
+                steps=(next(step), '     ', '     '),
+                num_images=num_images,
+                progress=progress,
+                title=f'{run.backbone} Mask R-CNN, {run.start} (CPU)',
+            )
+            metrics = result.metrics
+            say(
+                f'      {DETECTION.result_line(metrics)} '
+                f'({metrics["train_and_eval_seconds"]:.0f} s)'
+            )
+            results[run.name] = result
 
-    summary = summarise(
-        runs,
-        results,
-        pretrained,
-        spec.num_val,
-        configs[runs[0].name].randomness.seed,
-    )
-    files = dict(
-        summary_json=write_json(summary, osp.join(out_dir, 'summary.json')),
-        summary_md=osp.join(out_dir, 'summary.md'),
-    )
-    table = summary_table(summary)
-    with atomic_path(files['summary_md']) as partial:
-        with open(partial, 'w') as file:
-            file.write(table)
+        summary = summarise(
+            runs,
+            results,
+            pretrained,
+            spec.num_val,
+            configs[runs[0].name].randomness.seed,
+        )
+        files = dict(
+            summary_json=write_json(
+                summary, osp.join(out_dir, 'summary.json')
+            ),
+            summary_md=osp.join(out_dir, 'summary.md'),
+        )
+        table = summary_table(summary)
+        with atomic_path(files['summary_md']) as partial:
+            with open(partial, 'w') as file:
+                file.write(table)
     say(table, end='')
     say(f'Results in {out_dir}/')
     return ComparisonResult(results, pretrained, summary, files)

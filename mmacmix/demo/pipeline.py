@@ -1,20 +1,27 @@
-"""The end-to-end demo: data, training, COCO evaluation, plots.
+"""The end-to-end demo: data, training, evaluation, plots.
 
 :func:`run_demo` generates the synthetic shapes dataset (once, under
 ``data_root``), trains the ACmix Mask R-CNN of
-``configs/demo/mask-rcnn_acmix-r26_fpn_shapes.py`` on it with MMEngine's
-Runner on the CPU, evaluates it with mmdet's ``CocoMetric`` on the
-validation split, and writes into ``out_dir``:
+``configs/demo/mask-rcnn_acmix-r26_fpn_shapes.py`` (or another config on
+the shapes: an mmdet detector, or an mmseg segmentor such as
+``configs/demo/acmix-r26_upernet_shapes.py``) with MMEngine's Runner on
+the CPU, evaluates it on the validation split (mmdet's ``CocoMetric``, or
+mmseg's ``IoUMetric``), and writes into ``out_dir``:
 
-* ``metrics.json``: the COCO metrics, iterations, wall time, threads and
-  CPU;
+* ``metrics.json``: the COCO metrics (or mIoU, aAcc and mAcc, in
+  percent), iterations, wall time, threads and CPU;
 * ``loss_curve.png``: training loss (and its parts) per iteration;
 * ``predictions/*.png``: validation images, ground truth left, predicted
-  boxes and masks right;
+  boxes and masks (or classes of the pixels) right;
 * ``train/``: the Runner's work folder (log, config, final checkpoint).
 
+A config the demo cannot run (another codebase, data other than the
+shapes) is refused before any work, and a run that fails leaves ``out_dir``
+as it found it (:func:`kept_whole`).
+
 ``--pretrain`` and ``--compare`` train several detectors with
-:func:`train_detector` and tabulate them: see :mod:`mmacmix.demo.comparison`.
+:func:`train_and_evaluate` and tabulate them: see
+:mod:`mmacmix.demo.comparison`.
 """
 
 import contextlib
@@ -24,7 +31,9 @@ import logging
 import os
 import os.path as osp
 import platform
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -35,10 +44,13 @@ import numpy as np
 import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
+from mmengine.logging import MMLogger
+from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner import Runner
 
 from mmacmix.apis import add_project_hooks, build_runner, load_config
 from mmacmix.apis.inference import infer_command_after_training
+from mmacmix.cli import holding_warnings, log_held_warnings
 from mmacmix.configs import find_config
 from mmacmix.datasets import ShapesSpec, generate_shapes_dataset
 from mmacmix.fileio import atomic_path, check_folder
@@ -53,8 +65,53 @@ TINY_SHAPES = ShapesSpec(
 )
 CONFIG_DATA_ROOT = 'data/shapes/'
 PLOT_TITLE = 'ACmix-R26 Mask R-CNN on synthetic shapes (CPU)'
-# What train_detector adds to the COCO metrics.
+# What train_and_evaluate adds to the evaluation's metrics.
 RUN_KEYS = ('iterations', 'train_and_eval_seconds', 'threads', 'cpu')
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """What the demo does with a config of one codebase.
+
+    Attributes:
+        scope (str): The config's ``default_scope``.
+        model (str): What is trained, for the console.
+        evaluation (str): The evaluation step, for the console.
+        title (str): The loss plot's title.
+        scores (tuple[tuple[str, str], ...]): The metrics printed at the
+            end, as ``(key, label)``; percentages for segmentation.
+    """
+
+    scope: str
+    model: str
+    evaluation: str
+    title: str
+    scores: tuple[tuple[str, str], ...]
+
+    def result_line(self, metrics: dict) -> str:
+        """``'bbox mAP 0.412, mask mAP 0.380'``, ``'mIoU 61.3 %, ...'``."""
+        form = '{:.1f} %' if self.scope == 'mmseg' else '{:.3f}'
+        return ', '.join(
+            f'{label} {form.format(metrics.get(key, float("nan")))}'
+            for key, label in self.scores
+        )
+
+
+DETECTION = DemoTask(
+    'mmdet',
+    'ACmix Mask R-CNN',
+    'COCO evaluation',
+    PLOT_TITLE,
+    (('coco/bbox_mAP', 'bbox mAP'), ('coco/segm_mAP', 'mask mAP')),
+)
+SEGMENTATION = DemoTask(
+    'mmseg',
+    'ACmix UperNet',
+    'mIoU evaluation',
+    'ACmix-R26 UperNet on synthetic shapes (CPU)',
+    (('mIoU', 'mIoU'), ('aAcc', 'aAcc')),
+)
+TASKS = {task.scope: task for task in (DETECTION, SEGMENTATION)}
 
 
 def default_config() -> str:
@@ -93,7 +150,8 @@ def run_demo(
             ``'work_dirs/demo'``.
         data_root (str): Folder of the shapes dataset, generated there if
             absent. Defaults to ``'data/shapes'``.
-        config (str, optional): Mask R-CNN config; defaults to the demo's.
+        config (str, optional): An mmdet or mmseg config on the shapes;
+            defaults to the demo's Mask R-CNN.
         tiny (bool): A seconds-long smoke run (8 training images, 2
             iterations of batch 2) that exercises every step. Its numbers
             mean nothing.
@@ -106,7 +164,9 @@ def run_demo(
         DemoResult: Metrics and file paths.
 
     Raises:
-        ValueError: If ``max_iters`` is not a positive integer.
+        ValueError: If ``max_iters`` is not a positive integer, or the
+            config is neither an mmdet nor an mmseg config on the shapes
+            (checked before anything is written).
         OSError: If ``out_dir`` or ``data_root`` cannot be a folder, or
             ``data_root`` holds a dataset of another spec (checked before
             anything is written).
@@ -114,46 +174,151 @@ def run_demo(
     start = time.perf_counter()
     say = print if progress else (lambda *args, **kwargs: None)
     spec, data_root = check_demo_arguments(out_dir, data_root, tiny, max_iters)
-    say(f'[1/4] shapes dataset in {data_root} ...', end=' ', flush=True)
-    generate_shapes_dataset(data_root, spec)
-    data_seconds = time.perf_counter() - start
-    say(f'{spec.num_train} train / {spec.num_val} val images')
-
+    config = config or default_config()
+    work_dir = osp.join(out_dir, 'train')
+    loaded = load_config(config, work_dir=work_dir)
+    task = demo_task(loaded, config)
     cfg = demo_config(
-        config or default_config(),
-        data_root,
-        osp.join(out_dir, 'train'),
-        tiny=tiny,
-        max_iters=max_iters,
-        seed=seed,
+        loaded, data_root, work_dir, tiny=tiny, max_iters=max_iters, seed=seed
     )
-    result = train_detector(
-        cfg, out_dir, num_images=num_images, progress=progress
-    )
-    run = result.metrics
-    # The COCO metrics first, then the keys in metrics.json's usual order.
-    metrics = {key: value for key, value in run.items() if key not in RUN_KEYS}
-    metrics.update(
-        iterations=run['iterations'],
-        train_images=spec.num_train,
-        val_images=spec.num_val,
-        data_seconds=round(data_seconds, 1),
-        train_and_eval_seconds=run['train_and_eval_seconds'],
-        wall_seconds=round(time.perf_counter() - start, 1),
-        threads=run['threads'],
-        cpu=run['cpu'],
-        seed=cfg.randomness.seed,
-    )
-    result.metrics = metrics
-    write_json(metrics, result.files['metrics'])
+    with holding_warnings():  # for the log, once it exists
+        check_model(cfg)
+    with kept_whole(out_dir):
+        say(f'[1/4] shapes dataset in {data_root} ...', end=' ', flush=True)
+        generate_shapes_dataset(data_root, spec)
+        data_seconds = time.perf_counter() - start
+        say(f'{spec.num_train} train / {spec.num_val} val images')
+        result = train_and_evaluate(
+            cfg, out_dir, task=task, num_images=num_images, progress=progress
+        )
+        run = result.metrics
+        # The evaluation's metrics first, then the usual keys in order.
+        metrics = {k: v for k, v in run.items() if k not in RUN_KEYS}
+        metrics.update(
+            iterations=run['iterations'],
+            train_images=spec.num_train,
+            val_images=spec.num_val,
+            data_seconds=round(data_seconds, 1),
+            train_and_eval_seconds=run['train_and_eval_seconds'],
+            wall_seconds=round(time.perf_counter() - start, 1),
+            threads=run['threads'],
+            cpu=run['cpu'],
+            seed=cfg.randomness.seed,
+        )
+        result.metrics = metrics
+        write_json(metrics, result.files['metrics'])
     say(
-        f'bbox mAP {metrics.get("coco/bbox_mAP", float("nan")):.3f}, '
-        f'mask mAP {metrics.get("coco/segm_mAP", float("nan")):.3f} '
-        f'({spec.num_val} val images); {metrics["wall_seconds"]:.0f} s in '
-        f'all. Results in {out_dir}/'
+        f'{task.result_line(metrics)} ({spec.num_val} val images); '
+        f'{metrics["wall_seconds"]:.0f} s in all. Results in {out_dir}/'
     )
     say(f'Run it on an image: {infer_command_after_training(cfg, out_dir)}')
     return result
+
+
+def demo_task(cfg: Config, config: str) -> DemoTask:
+    """What the demo does with ``cfg``, checked before any work.
+
+    Args:
+        cfg (Config): The config as read (its data under
+            ``data/shapes/``).
+        config (str): Its path, for the message.
+
+    Returns:
+        DemoTask: Detection (mmdet) or segmentation (mmseg).
+
+    Raises:
+        ValueError: If the config is of another codebase, or reads data
+            that is not the shapes.
+    """
+    scope = cfg.get('default_scope')
+    task = TASKS.get(scope)
+    if task is None:
+        hint = (
+            '; the demo pretrains this classifier with --pretrain'
+            if scope == 'mmpretrain'
+            else ''
+        )
+        raise ValueError(
+            f'--config {config!r} is a {scope or "scope-less"} config; the '
+            'demo trains mmdet (detection) and mmseg (segmentation) configs'
+            f' on the shapes{hint}'
+        )
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        for root in _values_of(cfg.get(loader), 'data_root'):
+            if not root.startswith(CONFIG_DATA_ROOT):
+                raise ValueError(
+                    f'--config {config!r} reads {root!r} ({loader}), not '
+                    f'the shapes dataset ({CONFIG_DATA_ROOT}...); the demo '
+                    'trains configs on the shapes, as those in '
+                    'configs/demo/ do. Train others with tools/train.py'
+                )
+    return task
+
+
+def check_model(cfg: Config) -> None:
+    """Builds the model of ``cfg`` once, so that a mistake in it (an
+    unknown type or argument) is found before any work."""
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        MODELS.build(cfg.model)
+
+
+def _values_of(node, key: str) -> Iterator[str]:
+    """Every string under ``key`` in a nested config."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            if name == key and isinstance(value, str):
+                yield value
+            else:
+                yield from _values_of(value, key)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _values_of(value, key)
+
+
+@contextlib.contextmanager
+def kept_whole(out_dir: str) -> Iterator[None]:
+    """Leaves ``out_dir`` as it was if the block fails.
+
+    On any failure (an interruption too), what the block created under
+    ``out_dir`` is removed, and so is ``out_dir`` itself, with the
+    folders above it, if the block created them. Files are written whole
+    (atomically) and the demo's results last, so a file that the block
+    replaced is either the old one or the new one.
+
+    Args:
+        out_dir (str): The results' folder.
+    """
+    if osp.isdir(out_dir):
+        created, before = None, set(_walk(out_dir))
+    else:
+        created = osp.abspath(out_dir)
+        while not osp.lexists(osp.dirname(created)):
+            created = osp.dirname(created)
+        before = set()
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        elif osp.isdir(out_dir):
+            new = set(_walk(out_dir)) - before
+            for path in sorted(new):
+                if osp.dirname(path) not in new:
+                    _remove(path)
+        raise
+
+
+def _walk(folder: str) -> Iterator[str]:
+    for parent, folders, files in os.walk(folder):
+        for name in folders + files:
+            yield osp.join(parent, name)
+
+
+def _remove(path: str) -> None:
+    if osp.isdir(path) and not osp.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif osp.lexists(path):
+        os.remove(path)
 
 
 def check_demo_arguments(
@@ -197,35 +362,38 @@ def check_iterations(value: int | None, name: str = 'max_iters') -> None:
         raise ValueError(f'{name} must be a positive integer, got {value!r}')
 
 
-def train_detector(
+def train_and_evaluate(
     cfg: Config,
     out_dir: str,
-    name: str = 'ACmix Mask R-CNN',
+    task: DemoTask = DETECTION,
+    name: str | None = None,
     steps: tuple[str, str, str] = ('[2/4]', '[3/4]', '[4/4]'),
     num_images: int = 4,
     progress: bool = True,
-    title: str = PLOT_TITLE,
+    title: str | None = None,
 ) -> DemoResult:
-    """Trains and evaluates one detector config; writes the demo's files.
+    """Trains and evaluates one config; writes the demo's files.
 
     Args:
         cfg (Config): A config from :func:`demo_config`; its ``work_dir``
             receives the Runner's log and checkpoint.
         out_dir (str): Folder of ``metrics.json``, ``loss_curve.png`` and
             ``predictions/``.
-        name (str): What is trained, for the console.
-            Defaults to ``'ACmix Mask R-CNN'``.
+        task (DemoTask): Detection or segmentation. Defaults to
+            detection.
+        name (str, optional): What is trained, for the console. Defaults
+            to the task's model.
         steps (tuple[str, str, str]): The console's prefixes of the
             training, evaluation and plotting lines. Defaults to the plain
             demo's ``('[2/4]', '[3/4]', '[4/4]')``.
         num_images (int): Validation images to draw. Defaults to 4.
         progress (bool): Print the steps and a progress bar. Defaults to
             True.
-        title (str): The loss plot's title. Defaults to the demo
-            detector's.
+        title (str, optional): The loss plot's title. Defaults to the
+            task's.
 
     Returns:
-        DemoResult: The COCO metrics with ``iterations``,
+        DemoResult: The evaluation's metrics with ``iterations``,
         ``train_and_eval_seconds``, ``threads`` and ``cpu`` (also written
         to ``metrics.json``), and the files.
     """
@@ -233,29 +401,33 @@ def train_detector(
     start = time.perf_counter()
     iterations = cfg.train_cfg.max_iters
     say(
-        f'{steps[0]} training {name} for {iterations} iterations '
-        f'(batch {cfg.train_dataloader.batch_size}) on the CPU'
+        f'{steps[0]} training {name or task.model} for {iterations} '
+        f'iterations (batch {cfg.train_dataloader.batch_size}) on the CPU'
     )
     runner, progress_hook = train_quietly(
         cfg,
         progress=progress,
-        val_message=f'{steps[1]} COCO evaluation on the validation split',
+        val_message=f'{steps[1]} {task.evaluation} on the validation split',
     )
     train_seconds = time.perf_counter() - start
 
     say(f'{steps[2]} plots ...')
     os.makedirs(out_dir, exist_ok=True)
+    draw = draw_segmentation if task is SEGMENTATION else draw_predictions
     with _chatter_to_log(runner.logger):
+        predictions = osp.join(out_dir, 'predictions')
+        with replaced_folder(predictions) as partial:
+            drawn = draw(runner, partial, num_images)
         files = dict(
             metrics=osp.join(out_dir, 'metrics.json'),
             loss_curve=plot_losses(
                 scalars_file(runner),
                 osp.join(out_dir, 'loss_curve.png'),
-                title=title,
+                title=title or task.title,
             ),
-            predictions=draw_predictions(
-                runner, osp.join(out_dir, 'predictions'), num_images
-            ),
+            predictions=[
+                osp.join(predictions, osp.basename(path)) for path in drawn
+            ],
         )
     metrics = {k: _number(v) for k, v in progress_hook.metrics.items()}
     metrics.update(
@@ -267,6 +439,36 @@ def train_detector(
     )
     write_json(metrics, files['metrics'])
     return DemoResult(metrics, files)
+
+
+@contextlib.contextmanager
+def replaced_folder(folder: str) -> Iterator[str]:
+    """Fills a new folder that replaces ``folder`` when the block ends.
+
+    Yields:
+        str: The folder to write into, beside ``folder``; on success it
+        takes the place of ``folder`` (whose old content is removed), on
+        failure it is removed and ``folder`` is left as it was.
+    """
+    parent = osp.dirname(osp.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(
+        prefix=f'.{osp.basename(folder)}.partial-', dir=parent
+    )
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    old = None
+    if osp.lexists(folder):
+        old = tempfile.mkdtemp(
+            prefix=f'.{osp.basename(folder)}.old-', dir=parent
+        )
+        os.replace(folder, osp.join(old, 'folder'))
+    os.replace(partial, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def train_quietly(
@@ -287,9 +489,13 @@ def train_quietly(
         holds the last validation metrics.
     """
     console = sys.stdout
-    with contextlib.redirect_stdout(io.StringIO()):
-        runner = build_runner(add_project_hooks(cfg))
+    # What MMEngine logs before the Runner has its own logger goes to an
+    # earlier one, which writes to the console: only errors, meanwhile.
+    with _errors_only(MMLogger.get_current_instance()), holding_warnings():
+        with contextlib.redirect_stdout(io.StringIO()):
+            runner = build_runner(add_project_hooks(cfg))
     _quiet_console(runner.logger, console)
+    log_held_warnings(runner.logger)
     progress_hook = ProgressHook(
         cfg.train_cfg.max_iters,
         enabled=progress,
@@ -310,7 +516,7 @@ def write_json(payload: dict, path: str) -> str:
 
 
 def demo_config(
-    config: str,
+    config: str | Config,
     data_root: str,
     work_dir: str,
     tiny: bool = False,
@@ -324,7 +530,9 @@ def demo_config(
     :func:`short_run_config`.
 
     Args:
-        config (str): The Mask R-CNN config.
+        config (str | Config): The config, or the config as
+            :func:`~mmacmix.apis.load_config` read it (then changed in
+            place).
         data_root (str): Where the shapes dataset is.
         work_dir (str): The Runner's work folder.
         tiny (bool): Shrink the run to seconds (see :func:`run_demo`).
@@ -341,7 +549,7 @@ def demo_config(
 
 
 def short_run_config(
-    config: str,
+    config: str | Config,
     data_root: str,
     work_dir: str,
     max_iters: int | None = None,
@@ -355,7 +563,9 @@ def short_run_config(
     ``data_root``; the checkpoint is kept without the optimizer.
 
     Args:
-        config (str): The config.
+        config (str | Config): The config, or the config as
+            :func:`~mmacmix.apis.load_config` read it (then changed in
+            place).
         data_root (str): Where the shapes dataset is.
         work_dir (str): The Runner's work folder.
         max_iters (int, optional): Training iterations (the schedule is
@@ -369,7 +579,11 @@ def short_run_config(
     Returns:
         Config: The config to build the Runner from.
     """
-    cfg = load_config(config, work_dir=work_dir)
+    if isinstance(config, Config):
+        cfg = config
+        cfg.work_dir = work_dir
+    else:
+        cfg = load_config(config, work_dir=work_dir)
     _replace_prefix(
         cfg._cfg_dict, CONFIG_DATA_ROOT, data_root.rstrip('/') + '/'
     )
@@ -502,6 +716,20 @@ def _quiet_console(logger: logging.Logger, console: TextIO) -> None:
 
 
 @contextlib.contextmanager
+def _errors_only(logger: logging.Logger) -> Iterator[None]:
+    """Lets ``logger``'s console show only errors inside the block."""
+    consoles = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+    levels = [handler.level for handler in consoles]
+    for handler in consoles:
+        handler.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for handler, level in zip(consoles, levels):
+            handler.setLevel(level)
+
+
+@contextlib.contextmanager
 def _chatter_to_log(logger: logging.Logger) -> Iterator[None]:
     """Sends what libraries print or warn inside the block to the log file.
 
@@ -593,8 +821,8 @@ def plot_losses(
     axis.grid(alpha=0.3, which='both')
     axis.legend(fontsize=8, ncol=2)
     figure.tight_layout()
-    os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
-    figure.savefig(out_file)
+    with atomic_path(out_file) as partial:
+        figure.savefig(partial, format='png')
     plt.close(figure)
     return out_file
 
@@ -663,6 +891,71 @@ def draw_predictions(
             draw_gt=True,
             draw_pred=True,
             pred_score_thr=score_thr,
+            out_file=path,
+        )
+        paths.append(path)
+    return paths
+
+
+def draw_segmentation(
+    runner, out_dir: str, num_images: int, scale: int = 3
+) -> list[str]:
+    """Draws the ground truth and predicted classes of the first
+    validation images.
+
+    Each PNG shows the image enlarged ``scale`` times with every pixel
+    coloured by its class (the dataset's palette, class names on the
+    regions; mmseg's ``SegLocalVisualizer``): ground truth left,
+    prediction right.
+
+    Args:
+        runner (Runner): A runner whose segmentor is trained.
+        out_dir (str): Folder of the PNGs.
+        num_images (int): How many images.
+        scale (int): Enlargement, so that labels stay legible. Defaults
+            to 3.
+
+    Returns:
+        list[str]: The PNG paths.
+    """
+    import cv2
+    from mmengine.structures import PixelData
+
+    os.makedirs(out_dir, exist_ok=True)
+    dataset = runner.test_dataloader.dataset
+    visualizer = runner.visualizer
+    visualizer.dataset_meta = dataset.metainfo  # classes and palette
+    model = runner.model
+    model.eval()
+    paths = []
+    collate = runner.test_dataloader.collate_fn
+    for index in range(min(num_images, len(dataset))):
+        batch = collate([dataset[index]])
+        with torch.no_grad():
+            [sample] = model.test_step(batch)
+        image = cv2.imread(sample.img_path)[..., ::-1]
+        height, width = image.shape[:2]
+        image = cv2.resize(
+            image,
+            (width * scale, height * scale),
+            interpolation=cv2.INTER_NEAREST,
+        )
+        for key in ('gt_sem_seg', 'pred_sem_seg'):
+            labels = sample.get(key).data
+            labels = labels.repeat_interleave(scale, -2)
+            sample.set_field(
+                PixelData(data=labels.repeat_interleave(scale, -1)),
+                key,
+                dtype=PixelData,
+            )
+        name = osp.splitext(osp.basename(sample.img_path))[0]
+        path = osp.join(out_dir, f'{name}.png')
+        visualizer.add_datasample(
+            osp.basename(path),
+            image,
+            sample,
+            draw_gt=True,
+            draw_pred=True,
             out_file=path,
         )
         paths.append(path)

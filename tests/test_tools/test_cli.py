@@ -441,13 +441,19 @@ def fake_command(folder: Path, name: str) -> Path:
     return path
 
 
-def launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+def launch(
+    script: str, *args: str, cwd: Path, **env: str
+) -> subprocess.CompletedProcess:
     """Runs a launcher with ``env`` instead of the caller's PYTHON and
-    MMACMIX_VENV."""
+    MMACMIX_VENV, in a folder holding the config and checkpoint that the
+    launchers check for (``c.py``, ``cfg.py``, ``k.pth``, ``ckpt.pth``)."""
     unset = ('PYTHON', 'MMACMIX_VENV')
     base = {k: v for k, v in os.environ.items() if k not in unset}
+    for name in ('c.py', 'cfg.py', 'k.pth', 'ckpt.pth'):
+        (cwd / name).touch()
     return subprocess.run(
         ['bash', str(REPO / 'tools' / script), *args],
+        cwd=cwd,
         env={**base, **env},
         capture_output=True,
         text=True,
@@ -462,7 +468,14 @@ def test_launchers_run_the_setups_python(tmp_path):
     path = f'{tmp_path / "path"}:{os.environ["PATH"]}'
     venv = str(tmp_path / 'venv')
     # The setup's environment, unless PYTHON names another interpreter...
-    result = launch('dist_train.sh', 'c.py', '2', MMACMIX_VENV=venv, PATH=path)
+    result = launch(
+        'dist_train.sh',
+        'c.py',
+        '2',
+        MMACMIX_VENV=venv,
+        PATH=path,
+        cwd=tmp_path,
+    )
     assert result.stdout.startswith(f'{venv_python} -m torch.distributed')
     result = launch(
         'dist_test.sh',
@@ -471,12 +484,18 @@ def test_launchers_run_the_setups_python(tmp_path):
         '2',
         MMACMIX_VENV=venv,
         PYTHON=str(other),
+        cwd=tmp_path,
     )
     assert result.stdout.startswith(f'{other} -m torch.distributed')
     # ... and python from PATH where there is no environment.
     absent = str(tmp_path / 'absent')
     result = launch(
-        'dist_train.sh', 'c.py', '2', MMACMIX_VENV=absent, PATH=path
+        'dist_train.sh',
+        'c.py',
+        '2',
+        MMACMIX_VENV=absent,
+        PATH=path,
+        cwd=tmp_path,
     )
     assert result.stdout.startswith(f'{path_python} -m torch.distributed')
 
@@ -505,7 +524,7 @@ def test_the_default_environment_is_the_repositorys_venv():
     ],
 )
 def test_slurm_scripts_outside_slurm(script, args, tmp_path):
-    result = launch(script, *args)
+    result = launch(script, *args, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith('error: srun not found;')
     assert result.stdout == ''

@@ -403,8 +403,12 @@ def test_launch_scripts_build_the_command(script, args, expected, tmp_path):
         SRUN_ARGS='--quotatype=auto',
         PYTHON='fake-python',
     )
+    # The launchers check that the config and checkpoint exist.
+    (tmp_path / 'cfg.py').touch()
+    (tmp_path / 'ckpt.pth').touch()
     result = subprocess.run(
         ['bash', str(REPO / 'tools' / script), *args],
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
