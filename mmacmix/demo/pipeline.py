@@ -45,10 +45,14 @@ import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.logging import MMLogger
-from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner import Runner
 
-from mmacmix.apis import add_project_hooks, build_runner, load_config
+from mmacmix.apis import (
+    add_project_hooks,
+    build_model,
+    build_runner,
+    load_config,
+)
 from mmacmix.apis.inference import infer_command_after_training
 from mmacmix.cli import holding_warnings, log_held_warnings
 from mmacmix.configs import find_config
@@ -258,8 +262,7 @@ def demo_task(cfg: Config, config: str) -> DemoTask:
 def check_model(cfg: Config) -> None:
     """Builds the model of ``cfg`` once, so that a mistake in it (an
     unknown type or argument) is found before any work."""
-    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-        MODELS.build(cfg.model)
+    build_model(cfg)
 
 
 def _values_of(node, key: str) -> Iterator[str]:

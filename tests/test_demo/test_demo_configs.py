@@ -65,10 +65,12 @@ def test_tiny_segmentation_demo_reports_miou_and_draws_classes(tmp_path):
         '[3/4] mIoU evaluation ',
         '[4/4] ',
         'mIoU ',
+        'Run it on an image: ',
     )
     assert [line for line in lines if not line.startswith(steps)] == []
-    assert lines[-1].startswith('mIoU ')
-    assert ', aAcc ' in lines[-1] and '(4 val images)' in lines[-1]
+    assert lines[-2].startswith('mIoU ')
+    assert ', aAcc ' in lines[-2] and '(4 val images)' in lines[-2]
+    assert lines[-1].startswith('Run it on an image: ')
     # Third-party deprecation warnings are kept off the console, in the log.
     assert result.stderr == ''
     [log] = (out_dir / 'train').glob('*/*.log')
@@ -78,7 +80,7 @@ def test_tiny_segmentation_demo_reports_miou_and_draws_classes(tmp_path):
     for key in ('mIoU', 'aAcc', 'mAcc'):
         assert 0.0 <= metrics[key] <= 100.0  # percent, as mmseg reports
     assert metrics['iterations'] == 2
-    assert f'mIoU {metrics["mIoU"]:.1f} %' in lines[-1]
+    assert lines[-2].startswith(f'mIoU {metrics["mIoU"]:.1f} %, ')
 
     drawings = sorted((out_dir / 'predictions').glob('*.png'))
     assert len(drawings) == 4
