@@ -18,8 +18,9 @@ of this project:
   and the checkpoint, which must fit the config's model exactly (the
   inferencers load whatever fits and predict with random weights for the
   rest).
-* The checkpoint is read with ``weights_only=True``: a Runner checkpoint
-  loads with exactly the globals it needs allowed, in this call only.
+* The checkpoint is read by :func:`mmacmix.checkpoint.read_checkpoint`
+  with ``weights_only=True`` (a Runner checkpoint loads with exactly the
+  globals it needs allowed, for that read only), not by MMEngine's loader.
 * Class names come from the checkpoint's ``dataset_meta``, else from the
   config's test dataset (mmdet falls back to COCO's and mmseg to
   Cityscapes' classes).
@@ -64,7 +65,6 @@ __all__ = [
     'InferenceResult',
     'build_inferencer',
     'load_inference_config',
-    'read_weights',
     'collect_images',
     'infer',
     'infer_command',
@@ -331,25 +331,11 @@ def build_inferencer(
         ValueError: If the checkpoint cannot be read.
         KeyMismatchError: If it does not fit the model.
     """
-    weights = read_weights(checkpoint, trust)
+    weights = read_checkpoint(checkpoint, trust=trust)
     state_dict_of(weights, checkpoint)  # a clear error if it holds none
     inferencer_class = _inferencer_class(cfg.default_scope)
     with _quiet_mmengine():
         return inferencer_class(cfg, weights, checkpoint, device)
-
-
-def read_weights(path: str, trust: bool = False) -> Mapping:
-    """Reads a checkpoint with ``weights_only=True`` (unless ``trust``):
-    :func:`mmacmix.checkpoint.read_checkpoint`, the reader of every
-    command.
-
-    Raises:
-        OSError: If ``path`` is missing or a folder.
-        ValueError: If it is no checkpoint, or needs another object than
-            a checkpoint holds (named in the message) and ``trust`` is
-            False.
-    """
-    return read_checkpoint(path, trust=trust)
 
 
 def infer_command(
