@@ -24,7 +24,7 @@ from torch import Tensor
 from mmacmix.ops import local_attention
 from mmacmix.registry import MODELS
 
-from .utils import conv3x3_arguments
+from .utils import check_image_batch, conv3x3_arguments
 
 SHIFT_KERNEL_SIZE = 3
 
@@ -349,11 +349,7 @@ class ACmix(ACmixBase):
         Returns:
             Tensor: ``(B, out_channels, ceil(H / s), ceil(W / s))``.
         """
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f'ACmix expects a (B, {self.in_channels}, H, W) tensor, got '
-                f'shape {tuple(x.shape)}'
-            )
+        check_image_batch(x, self.in_channels, 'ACmix')
         b, _, h, w = x.shape
         heads, dims, stride = self.num_heads, self.head_dims, self.stride
         # The softmax scale goes into the q projection and the position

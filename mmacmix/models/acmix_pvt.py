@@ -59,6 +59,7 @@ from mmacmix.registry import MODELS
 from .acmix import ACmixBase
 from .utils import (
     FrozenStagesMixin,
+    PatchEmbed,
     arch_settings,
     check_image_batch,
     freeze,
@@ -79,33 +80,6 @@ FUSED_MAX_HEADS = 2
 def tokens_to_map(x: Tensor, hw_shape: tuple[int, int]) -> Tensor:
     """``(B, H * W, C)`` tokens as a ``(B, C, H, W)`` map."""
     return x.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape)
-
-
-class PatchEmbed(BaseModule):
-    """Non-overlapping ``patch_size`` patches, projected and normalised.
-
-    Sides that are no multiple of ``patch_size`` are zero-padded at the
-    bottom and right first, so no pixel is dropped (mmdet's PVT drops
-    them).
-    """
-
-    def __init__(
-        self, in_channels: int, embed_dims: int, patch_size: int
-    ) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.projection = nn.Conv2d(
-            in_channels, embed_dims, patch_size, stride=patch_size
-        )
-        self.norm = nn.LayerNorm(embed_dims, eps=LN_EPS)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Returns ``(B, H' * W', C)`` tokens and ``(H', W')``."""
-        h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % self.patch_size, 0, -h % self.patch_size))
-        x = self.projection(x)
-        hw_shape = (x.shape[2], x.shape[3])
-        return self.norm(x.flatten(2).transpose(1, 2)), hw_shape
 
 
 class PositionEmbedding(BaseModule):
@@ -563,7 +537,13 @@ class ACmixPVT(FrozenStagesMixin, BaseModule):
             ]
             self.layers.append(
                 ACmixPVTStage(
-                    PatchEmbed(channels, dims, self.patch_sizes[stage]),
+                    PatchEmbed(
+                        channels,
+                        dims,
+                        self.patch_sizes[stage],
+                        eps=LN_EPS,
+                        proj_name='projection',
+                    ),
                     PositionEmbedding(
                         pretrain_img_size // stride, dims, drop_rate
                     ),

@@ -20,6 +20,7 @@ from mmacmix.registry import MODELS
 
 from .acmix import ACmix
 from .resnet import Bottleneck, PluggableResNet
+from .utils import stage_flags
 
 
 @MODELS.register_module()
@@ -66,20 +67,7 @@ class ACmixResNet(PluggableResNet):
         acmix_stages: Sequence[bool] = (True, True, True, True),
         **kwargs,
     ) -> None:
-        if (
-            not isinstance(acmix_stages, Sequence)
-            or isinstance(acmix_stages, str)
-            or len(acmix_stages) != 4
-        ):
-            raise ValueError(
-                'acmix_stages needs one flag per stage (4), '
-                f'got {acmix_stages!r}'
-            )
-        if not all(isinstance(flag, bool) for flag in acmix_stages):
-            raise ValueError(
-                f'acmix_stages must hold True or False, got {acmix_stages!r}'
-            )
-        self.acmix_stages = tuple(acmix_stages)
+        self.acmix_stages = stage_flags('acmix_stages', acmix_stages)
         self.num_heads = num_heads
         self.attn_kernel_size = attn_kernel_size
         super().__init__(depth, **kwargs)

@@ -65,7 +65,9 @@ from mmacmix.registry import MODELS
 from .acmix import ACmixBase, pointwise
 from .utils import (
     FrozenStagesMixin,
+    arch_settings,
     check_image_batch,
+    conv_net_init_cfg,
     freeze,
     init_weights_strictly,
     stage_arguments,
@@ -356,6 +358,16 @@ class SANBottleneck(BaseModule):
         return x + self.residual(x)
 
 
+def _valid_custom_arch(arch: Mapping) -> bool:
+    """Five stages (0 to 4) of blocks and odd window sizes."""
+    sizes = arch['kernel_sizes']
+    return (
+        len(arch['blocks']) == NUM_STAGES + 1
+        and len(sizes) == NUM_STAGES + 1
+        and all(k >= 1 and k % 2 for k in sizes)
+    )
+
+
 @MODELS.register_module()
 class ACmixSAN(FrozenStagesMixin, BaseModule):
     """ACmix-SAN backbone: patchwise SAN-10/15/19 with ACmix in every SAM.
@@ -424,14 +436,15 @@ class ACmixSAN(FrozenStagesMixin, BaseModule):
         init_cfg: dict | list[dict] | None = None,
     ) -> None:
         if init_cfg is None:
-            init_cfg = [
-                dict(type='Kaiming', layer='Conv2d'),
-                dict(
-                    type='Constant', val=1, layer=['_BatchNorm', 'GroupNorm']
-                ),
-            ]
+            init_cfg = conv_net_init_cfg()
         super().__init__(init_cfg=init_cfg)
-        settings = self._arch_settings(arch)
+        settings = arch_settings(
+            type(self),
+            arch,
+            ('blocks', 'kernel_sizes'),
+            _valid_custom_arch,
+            'five entries each, odd kernel sizes',
+        )
         self.out_indices = stage_arguments(
             NUM_STAGES, out_indices, frozen_stages
         )
@@ -471,30 +484,6 @@ class ACmixSAN(FrozenStagesMixin, BaseModule):
             channels = width
         self.out_channels = widths[1:]
         self._freeze_stages()
-
-    @classmethod
-    def _arch_settings(cls, arch: int | dict) -> dict:
-        keys = {'blocks', 'kernel_sizes'}
-        if isinstance(arch, Mapping):
-            sizes = arch.get('kernel_sizes', ())
-            if (
-                set(arch) != keys
-                or len(arch['blocks']) != NUM_STAGES + 1
-                or len(sizes) != NUM_STAGES + 1
-                or any(k < 1 or k % 2 == 0 for k in sizes)
-            ):
-                raise ValueError(
-                    f'a custom arch must be a dict with exactly the keys '
-                    f'{sorted(keys)}, five entries each, odd kernel sizes; '
-                    f'got {arch!r}'
-                )
-            return dict(arch)
-        if arch not in cls.arch_zoo:
-            raise ValueError(
-                f'unknown arch {arch!r} for {cls.__name__}; valid are '
-                f'{sorted(cls.arch_zoo)} or a dict with keys {sorted(keys)}'
-            )
-        return cls.arch_zoo[arch]
 
     def _stage_modules(self, index: int) -> list[nn.Module]:
         """Stem (``index`` 0, with SAN's stage 0) or output stage ``index``

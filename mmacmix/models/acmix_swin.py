@@ -30,6 +30,7 @@ from mmacmix.registry import MODELS
 from .acmix import ACmixBase
 from .utils import (
     FrozenStagesMixin,
+    PatchEmbed,
     arch_settings,
     check_image_batch,
     freeze,
@@ -338,32 +339,6 @@ class ACmixSwinBlock(BaseModule):
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(inner, x, use_reentrant=False)
         return inner(x)
-
-
-class PatchEmbed(BaseModule):
-    """Non-overlapping ``patch_size`` patches, projected and normalised.
-
-    Sides that are no multiple of ``patch_size`` are zero-padded at the
-    bottom and right first (mmcv's ``AdaptivePadding`` in ``'corner'`` mode).
-    """
-
-    def __init__(
-        self, in_channels: int, embed_dims: int, patch_size: int
-    ) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(
-            in_channels, embed_dims, patch_size, stride=patch_size
-        )
-        self.norm = nn.LayerNorm(embed_dims)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Returns ``(B, H' * W', C)`` tokens and ``(H', W')``."""
-        h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % self.patch_size, 0, -h % self.patch_size))
-        x = self.proj(x)
-        hw_shape = (x.shape[2], x.shape[3])
-        return self.norm(x.flatten(2).transpose(1, 2)), hw_shape
 
 
 class PatchMerging(BaseModule):

@@ -13,9 +13,15 @@ import torch.utils.checkpoint as cp
 from mmcv.cnn import build_conv_layer, build_norm_layer
 from mmengine.model import BaseModule, Sequential
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .utils import check_image_batch, init_weights_strictly
+from .utils import (
+    FrozenStagesMixin,
+    check_image_batch,
+    conv_net_init_cfg,
+    freeze,
+    init_weights_strictly,
+    stage_arguments,
+)
 
 
 class ResidualBlock(BaseModule):
@@ -128,7 +134,7 @@ class Bottleneck(ResidualBlock):
         return self.bn3(self.conv3(out))
 
 
-class PluggableResNet(BaseModule):
+class PluggableResNet(FrozenStagesMixin, BaseModule):
     """ResNet backbone with the API of mmdet's ``ResNet``.
 
     Subclasses set :attr:`arch_settings` (depth -> block and blocks per
@@ -137,8 +143,8 @@ class PluggableResNet(BaseModule):
     Args:
         depth (int): One of :attr:`arch_settings`.
         in_channels (int): Image channels. Defaults to 3.
-        out_indices (Sequence[int]): Stages whose outputs are returned.
-            Defaults to (0, 1, 2, 3).
+        out_indices (Sequence[int]): Stages whose outputs are returned, at
+            least one. Defaults to (0, 1, 2, 3).
         frozen_stages (int): Stages to freeze (no gradient, eval mode); -1
             freezes nothing, 0 the stem, ``i`` the stem and stages 1 to
             ``i``. Defaults to -1.
@@ -146,8 +152,8 @@ class PluggableResNet(BaseModule):
             Defaults to None (``nn.Conv2d``).
         norm_cfg (dict): Normalisation config. Defaults to
             ``dict(type='BN', requires_grad=True)``.
-        norm_eval (bool): Keep BN layers in eval mode (frozen statistics)
-            while training. Defaults to False.
+        norm_eval (bool): Keep the normalisation layers in eval mode (frozen
+            statistics) while training. Defaults to False.
         with_cp (bool): Gradient checkpointing of every block. Defaults to
             False.
         zero_init_residual (bool): Start every residual branch at zero by
@@ -174,12 +180,7 @@ class PluggableResNet(BaseModule):
         init_cfg: dict | list[dict] | None = None,
     ) -> None:
         if init_cfg is None:
-            init_cfg = [
-                dict(type='Kaiming', layer='Conv2d'),
-                dict(
-                    type='Constant', val=1, layer=['_BatchNorm', 'GroupNorm']
-                ),
-            ]
+            init_cfg = conv_net_init_cfg()
         super().__init__(init_cfg=init_cfg)
         if depth not in self.arch_settings:
             raise ValueError(
@@ -187,19 +188,11 @@ class PluggableResNet(BaseModule):
                 f'depths are {sorted(self.arch_settings)}'
             )
         block, stage_blocks = self.arch_settings[depth]
-        num_stages = len(stage_blocks)
-        if not all(0 <= i < num_stages for i in out_indices):
-            raise ValueError(
-                f'out_indices must lie in [0, {num_stages}), got {out_indices}'
-            )
-        if not -1 <= frozen_stages <= num_stages:
-            raise ValueError(
-                f'frozen_stages must lie in [-1, {num_stages}], '
-                f'got {frozen_stages}'
-            )
+        self.out_indices = stage_arguments(
+            len(stage_blocks), out_indices, frozen_stages
+        )
         self.depth = depth
         self.in_channels = in_channels
-        self.out_indices = tuple(out_indices)
         self.frozen_stages = frozen_stages
         self.conv_cfg = conv_cfg
         self.norm_cfg = norm_cfg or dict(type='BN', requires_grad=True)
@@ -290,11 +283,7 @@ class PluggableResNet(BaseModule):
         modules = []
         if self.frozen_stages >= 0:
             modules += [self.conv1, self.bn1]
-        modules += self.res_layers[: max(self.frozen_stages, 0)]
-        for module in modules:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+        freeze(modules + self.res_layers[: max(self.frozen_stages, 0)])
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Returns the outputs of the stages in ``out_indices``.
@@ -313,14 +302,3 @@ class PluggableResNet(BaseModule):
             if index in self.out_indices:
                 outs.append(x)
         return tuple(outs)
-
-    def train(self, mode: bool = True) -> 'PluggableResNet':
-        """Sets the mode, keeping frozen stages and (``norm_eval``) BN in
-        eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-        return self

@@ -1,13 +1,16 @@
 """Helpers shared by the backbones and operators.
 
-Strict pretrained loading, and the argument checks every family repeats:
-image batches, the ``nn.Conv2d`` signature of the drop-in operators, the
-backbones' ``arch``, ``out_indices`` and ``frozen_stages``.
+Strict pretrained loading, the argument checks every family repeats
+(image batches, the ``nn.Conv2d`` signature of the drop-in operators, the
+backbones' ``arch``, ``out_indices``, ``frozen_stages`` and per-stage
+flags), freezing, and the patch embedding of the transformer backbones.
 """
 
 import os.path as osp
 from collections.abc import Callable, Mapping, Sequence
 
+import torch.nn.functional as F
+from mmengine.model import BaseModule
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -18,6 +21,16 @@ from mmacmix.checkpoint import (
     read_checkpoint,
     state_dict_of,
 )
+
+
+def conv_net_init_cfg() -> list[dict]:
+    """The default ``init_cfg`` of the convolutional backbones (ResNets,
+    SAN): Kaiming for convolutions, constant 1 for norms; a new list on
+    every call, so that no two models share one."""
+    return [
+        dict(type='Kaiming', layer='Conv2d'),
+        dict(type='Constant', val=1, layer=['_BatchNorm', 'GroupNorm']),
+    ]
 
 
 def init_weights_strictly(
@@ -201,28 +214,44 @@ def conv3x3_arguments(
 
 
 def arch_settings(
-    owner: type, arch: str | Mapping, keys: Sequence[str]
+    owner: type,
+    arch: str | int | Mapping,
+    keys: Sequence[str],
+    check: Callable[[Mapping], bool] | None = None,
+    requirement: str = '',
 ) -> dict:
-    """Reads a backbone's ``arch``: a name of ``owner.arch_zoo`` (any
-    case) or a dict with exactly ``keys``.
+    """Reads a backbone's ``arch``: a key of ``owner.arch_zoo`` (names in
+    any case, or numbers such as SAN's depths) or a dict with exactly
+    ``keys``.
+
+    Args:
+        owner (type): The backbone class, with its ``arch_zoo``.
+        arch (str | int | Mapping): The ``arch`` argument.
+        keys (Sequence[str]): The keys a custom arch must have.
+        check (callable, optional): Whether a custom arch with those keys
+            is valid beyond its keys. Defaults to None (any is).
+        requirement (str): What ``check`` asks, for the message (``'five
+            entries each'``). Defaults to ''.
 
     Raises:
-        ValueError: Naming the valid names and keys.
+        ValueError: Naming the valid names, keys and requirement.
     """
-    if isinstance(arch, str):
-        if arch.lower() not in owner.arch_zoo:
+    if isinstance(arch, Mapping):
+        if set(arch) != set(keys) or (check is not None and not check(arch)):
+            rule = f', {requirement}' if requirement else ''
             raise ValueError(
-                f'unknown arch {arch!r} for {owner.__name__}; valid names '
-                f'are {sorted(owner.arch_zoo)} or a dict with keys '
-                f'{sorted(keys)}'
+                f'a custom arch must be a dict with exactly the keys '
+                f'{sorted(keys)}{rule}; got {arch!r}'
             )
-        return dict(owner.arch_zoo[arch.lower()])
-    if not isinstance(arch, Mapping) or set(arch) != set(keys):
+        return dict(arch)
+    name = arch.lower() if isinstance(arch, str) else arch
+    if name not in owner.arch_zoo:
         raise ValueError(
-            f'a custom arch must be a dict with exactly the keys '
-            f'{sorted(keys)}, got {arch!r}'
+            f'unknown arch {arch!r} for {owner.__name__}; valid names '
+            f'are {sorted(owner.arch_zoo)} or a dict with keys '
+            f'{sorted(keys)}'
         )
-    return dict(arch)
+    return dict(owner.arch_zoo[name])
 
 
 def stage_arguments(
@@ -246,6 +275,28 @@ def stage_arguments(
             f'{frozen_stages}'
         )
     return out_indices
+
+
+def stage_flags(
+    name: str, flags: Sequence[bool], num_stages: int = 4
+) -> tuple[bool, ...]:
+    """Checks a per-stage switch such as ``acmix_stages``: a sequence of
+    ``num_stages`` booleans; returns it as a tuple.
+
+    Raises:
+        ValueError: Naming ``name``, what is accepted and what was given.
+    """
+    if (
+        not isinstance(flags, Sequence)
+        or isinstance(flags, str)
+        or len(flags) != num_stages
+    ):
+        raise ValueError(
+            f'{name} needs one flag per stage ({num_stages}), got {flags!r}'
+        )
+    if not all(isinstance(flag, bool) for flag in flags):
+        raise ValueError(f'{name} must hold True or False, got {flags!r}')
+    return tuple(flags)
 
 
 def freeze(modules: Sequence[nn.Module]) -> None:
@@ -277,3 +328,46 @@ class FrozenStagesMixin:
         if mode and self.norm_eval:
             eval_norms(self)
         return self
+
+
+class PatchEmbed(BaseModule):
+    """Non-overlapping ``patch_size`` patches, projected and normalised.
+
+    Sides that are no multiple of ``patch_size`` are zero-padded at the
+    bottom and right first (mmcv's ``AdaptivePadding`` in ``'corner'``
+    mode), so no pixel is dropped (mmdet's PVT drops them).
+
+    Args:
+        in_channels (int): Input channels.
+        embed_dims (int): Output channels.
+        patch_size (int): Side of a patch, and stride.
+        eps (float): The LayerNorm's epsilon. Defaults to 1e-5.
+        proj_name (str): Attribute (state-dict) name of the projection:
+            ``'proj'`` as the official Swin stores it, ``'projection'`` as
+            mmdet's PVT does. Defaults to ``'proj'``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        embed_dims: int,
+        patch_size: int,
+        eps: float = 1e-5,
+        proj_name: str = 'proj',
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj_name = proj_name
+        projection = nn.Conv2d(
+            in_channels, embed_dims, patch_size, stride=patch_size
+        )
+        self.add_module(proj_name, projection)
+        self.norm = nn.LayerNorm(embed_dims, eps=eps)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Returns ``(B, H' * W', C)`` tokens and ``(H', W')``."""
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, -w % self.patch_size, 0, -h % self.patch_size))
+        x = getattr(self, self.proj_name)(x)
+        hw_shape = (x.shape[2], x.shape[3])
+        return self.norm(x.flatten(2).transpose(1, 2)), hw_shape

@@ -13,6 +13,7 @@ from torch import nn
 from mmacmix.registry import MODELS
 
 from .resnet import BasicBlock, Bottleneck, PluggableResNet, ResidualBlock
+from .utils import stage_flags
 from .xvolution import XVolution
 
 
@@ -99,12 +100,9 @@ class XVolutionResNet(PluggableResNet):
         deploy: bool = False,
         **kwargs,
     ) -> None:
-        if len(xvolution_stages) != 4:
-            raise ValueError(
-                'xvolution_stages needs one flag per stage (4), '
-                f'got {xvolution_stages!r}'
-            )
-        self.xvolution_stages = tuple(bool(s) for s in xvolution_stages)
+        self.xvolution_stages = stage_flags(
+            'xvolution_stages', xvolution_stages
+        )
         self.attention = attention
         self.num_heads = num_heads
         self.deploy = deploy

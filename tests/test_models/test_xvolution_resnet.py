@@ -51,8 +51,15 @@ def test_xvolution_replaces_the_3x3_convs_of_the_chosen_stages():
     assert isinstance(bottleneck.layer3[0].conv2, XVolution)
     assert bottleneck.layer3[0].conv2.stride == 2
     assert not isinstance(bottleneck.layer2[0].conv2, XVolution)
-    with pytest.raises(ValueError, match='one flag per stage'):
+    # Checked as strictly as ACmixResNet's acmix_stages, same messages.
+    with pytest.raises(ValueError, match=r'one flag per stage \(4\)'):
         XVolutionResNet(depth=18, xvolution_stages=(True,))
+    with pytest.raises(ValueError, match='one flag per stage'):
+        XVolutionResNet(depth=18, xvolution_stages='tttt')
+    with pytest.raises(ValueError, match='one flag per stage'):
+        XVolutionResNet(depth=18, xvolution_stages=True)
+    with pytest.raises(ValueError, match=r'True or False, got \(1, 1, 1, 0\)'):
+        XVolutionResNet(depth=18, xvolution_stages=(1, 1, 1, 0))
     with pytest.raises(ValueError, match=r'\[18, 34, 50, 101\]'):
         XVolutionResNet(depth=26)
 
