@@ -409,76 +409,7 @@ def test_arch_names_and_errors():
         ACmixPVT(arch=dict(embed_dims=(8,), depths=(2,)))
     with pytest.raises(ValueError, match=r'sr_ratios \(8, 4\) must have one'):
         ACmixPVT(arch=SMALL, sr_ratios=(8, 4))
-    with pytest.raises(ValueError, match='out_indices'):
-        ACmixPVT(arch=SMALL, out_indices=(4,))
-    with pytest.raises(ValueError, match='frozen_stages'):
-        ACmixPVT(arch=SMALL, frozen_stages=5)
-    with pytest.raises(ValueError, match=r'\(B, 3, H, W\).*\(3, 32, 32\)'):
-        ACmixPVT(arch=SMALL)(torch.randn(3, 32, 32))
-
-
-@pytest.mark.parametrize('size', [(97, 131), (33, 47), (5, 3)])
-def test_outputs_are_nchw_at_strides_4_to_32(size):
-    model = ACmixPVT(**SMALL_KWARGS, out_indices=(0, 2, 3)).eval()
-    with torch.no_grad():
-        outs = model(torch.randn(1, 3, *size))
-    assert len(outs) == 3
-    for stage, out in zip((0, 2, 3), outs):
-        stride = 4 * 2**stage
-        assert out.shape == (
-            1,
-            SMALL['embed_dims'][stage],
-            -(-size[0] // stride),
-            -(-size[1] // stride),
-        )
-        assert out.is_contiguous() and torch.isfinite(out).all()
-
-
-def test_every_parameter_receives_a_gradient():
-    model = randomise(ACmixPVT(**SMALL_KWARGS))
-    outs = model(torch.randn(2, 3, 45, 61))
-    sum(o.square().mean() for o in outs).backward()
-    silent = [
-        n
-        for n, p in model.named_parameters()
-        if p.grad is None or not p.grad.any()
-    ]
-    assert not silent
-
-
-def test_frozen_stages_and_norm_eval_survive_train():
-    model = ACmixPVT(**SMALL_KWARGS, frozen_stages=2, norm_eval=True)
-    model.train()
-    for name, param in model.named_parameters():
-        frozen = name.startswith(('layers.0.', 'layers.1.'))
-        assert param.requires_grad is not frozen, name
-    assert not model.layers[1][1][1].training
-    assert model.layers[2][1][1].training
-    assert not model.layers[2][1][1].norm1.training
-    stem_only = ACmixPVT(**SMALL_KWARGS, frozen_stages=0).train()
-    trainable = {n for n, p in stem_only.named_parameters() if p.requires_grad}
-    assert not any(n.startswith('layers.0.0.') for n in trainable)
-    assert 'layers.0.1.0.pos_embed' in trainable
-    assert ACmixPVT(**SMALL_KWARGS).train().layers[0][0].norm.training
-
-
-def test_with_cp_gives_the_same_outputs_and_gradients():
-    torch.manual_seed(0)
-    plain = randomise(ACmixPVT(**SMALL_KWARGS, drop_path_rate=0.0))
-    checkpointed = ACmixPVT(**SMALL_KWARGS, drop_path_rate=0.0, with_cp=True)
-    checkpointed.load_state_dict(plain.state_dict())
-    x = torch.randn(1, 3, 61, 45)
-    outs = []
-    for model in (plain, checkpointed):
-        out = model(x)
-        sum(o.sum() for o in out).backward()
-        outs.append(out)
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b)
-    for (name, a), b in zip(
-        plain.named_parameters(), checkpointed.parameters()
-    ):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    # out_indices, frozen_stages and the input: test_backbone_contract.py.
 
 
 def test_pretrained_loading_is_strict(converted_release, tmp_path):

@@ -64,66 +64,16 @@ def test_xvolution_replaces_the_3x3_convs_of_the_chosen_stages():
         XVolutionResNet(depth=26)
 
 
-@pytest.mark.parametrize('size', [(64, 64), (75, 53)])
-def test_outputs_are_nchw_at_strides_4_to_32(size):
-    model = XVolutionResNet(depth=50, out_indices=(0, 2, 3)).eval()
-    with torch.no_grad():
-        outs = model(torch.randn(1, 3, *size))
-    for out, channels, stride in zip(
-        outs, (256, 1024, 2048), (4, 16, 32), strict=True
-    ):
-        assert out.shape == (
-            1,
-            channels,
-            -(-size[0] // stride),
-            -(-size[1] // stride),
-        )
-        assert torch.isfinite(out).all()
-
-
-def test_frozen_stages_and_norm_eval_reach_the_xvolution_norms():
+def test_frozen_stages_survive_switch_to_deploy():
+    # Before deployment, frozen_stages and norm_eval reach the X-volutions'
+    # norms like every backbone's (test_backbone_contract.py).
     model = XVolutionResNet(depth=18, frozen_stages=3, norm_eval=True)
     model.train()
-    for name, param in model.named_parameters():
-        frozen = name.startswith(
-            ('conv1', 'bn1', 'layer1', 'layer2', 'layer3')
-        )
-        assert param.requires_grad is not frozen, name
     assert not model.layer3[0].conv1.pssa_bn.training
     model.switch_to_deploy()
     model.train()
     assert not model.layer3[0].conv1.weight.requires_grad
     assert model.layer4[0].conv1.weight.requires_grad
-
-
-def test_every_backbone_parameter_receives_a_gradient():
-    model = XVolutionResNet(
-        depth=18,
-        xvolution_stages=(True, True, True, True),
-        zero_init_residual=False,
-    )
-    model.init_weights()
-    outs = model(torch.randn(2, 3, 32, 32))
-    sum(o.square().mean() for o in outs).backward()
-    for name, param in model.named_parameters():
-        assert param.grad is not None and param.grad.any(), name
-
-
-def test_with_cp_gives_the_same_outputs_and_gradients():
-    torch.manual_seed(0)
-    plain = XVolutionResNet(depth=18, out_indices=(3,))
-    checkpointed = XVolutionResNet(depth=18, out_indices=(3,), with_cp=True)
-    checkpointed.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    outs = []
-    for model in (plain, checkpointed):
-        outs.append(model(x)[0])
-        outs[-1].sum().backward()
-    torch.testing.assert_close(outs[0], outs[1])
-    for a, b in zip(
-        plain.parameters(), checkpointed.parameters(), strict=True
-    ):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_backbone_deploys_and_reloads_strictly():
