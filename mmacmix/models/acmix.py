@@ -142,8 +142,10 @@ class ACmixBase(BaseModule):
         constant map before the zero-padded shift convolution, become a map
         that is constant away from the border. The result equals
         ``conv_path(proj(x))``, but runs as a dense convolution, the fastest
-        kind there is: about 3x faster forward and backward on the CPU than
-        the 1x1 plus grouped convolution of the official formulation.
+        kind there is: on the CPU a grouped convolution with few outputs per
+        group, and the 1x1 convolution before it, run far below a dense
+        convolution's throughput (``tools/analysis/benchmark_ops.py
+        --tables pvt-conv-path`` times both forms).
 
         Args:
             x (Tensor): ``(B, C_in, H, W)`` input of the projection.
@@ -240,9 +242,9 @@ def _unit_span(size: int, like: Tensor) -> Tensor:
 def pointwise(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """A 1x1 convolution, computed as a batched matrix product.
 
-    On the CPU this takes about half the forward + backward time of
-    ``F.conv2d`` (oneDNN reorders the maps to and from its blocked layout),
-    and the bias may vary over positions.
+    On the CPU a matrix product reads the maps as they are, where
+    ``F.conv2d`` (oneDNN) reorders them to and from its blocked layout
+    first, forward and backward; and the bias may vary over positions.
 
     Args:
         x (Tensor): ``(B, C_in, H, W)``.
