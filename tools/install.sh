@@ -28,7 +28,7 @@ pip install -q torch torchvision triton setuptools wheel ninja
 
 wheel=$(ls "$cache"/mmcv-"$mmcv_version"-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
-    echo "Building mmcv $mmcv_version with CPU ops (about 8 minutes on 2 cores)"
+    echo "Building mmcv $mmcv_version with CPU ops (this takes minutes)"
     mkdir -p "$cache"
     build=$(mktemp -d "$cache/build.XXXXXX")
     trap 'rm -rf "$build"' EXIT
