@@ -4,7 +4,7 @@ Every output pixel attends to a ``kernel_size x kernel_size`` window of keys
 and values centred on it (on ``stride * (i, j)`` for a strided op), with the
 map extended by reflection.  The official code gathers the windows with
 ``unfold``, which stores ``kernel_size ** 2`` copies of the keys and values
-(3.3 GB for one stage-1 op of an 800 x 1216 image).  Here nothing
+(gigabytes for one stage-1 op of a detection-sized image).  Here nothing
 ``kernel_size ** 2``-fold is kept.
 
 The function is one registered operator, ``torch.ops.mmacmix.
@@ -159,8 +159,8 @@ def _local_attention_graph(
     """Plain operators only, for ONNX export.
 
     Each window row of all pixels is gathered at once: a few operators per
-    row, not per offset, so an ACmix-ResNet-26 graph has about 4.7k nodes
-    instead of 12k, and at most ``kernel_size`` copies of the keys or values
+    row, not per offset, so the graph grows with ``kernel_size``, not with
+    its square, and at most ``kernel_size`` copies of the keys or values
     exist at a time.  Inference only.
     """
     windows = _WindowRows(q, k, kernel_size, stride)
