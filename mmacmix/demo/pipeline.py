@@ -854,26 +854,9 @@ def draw_predictions(
     Returns:
         list[str]: The PNG paths.
     """
-    import cv2
     from mmdet.structures.mask import BitmapMasks
 
-    os.makedirs(out_dir, exist_ok=True)
-    dataset = runner.test_dataloader.dataset
-    visualizer = runner.visualizer
-    visualizer.dataset_meta = dataset.metainfo
-    model = runner.model
-    model.eval()
-    paths = []
-    collate = runner.test_dataloader.collate_fn
-    for index in range(min(num_images, len(dataset))):
-        batch = collate([dataset[index]])
-        with torch.no_grad():
-            [sample] = model.test_step(batch)
-        image = cv2.imread(sample.img_path)[..., ::-1]
-        height, width = image.shape[:2]
-        image = cv2.resize(
-            image, (width * scale, height * scale), cv2.INTER_NEAREST
-        )
+    def enlarge(sample, height: int, width: int) -> None:
         pred = sample.pred_instances
         pred = pred[pred.scores >= score_thr]
         pred.bboxes = pred.bboxes * scale
@@ -885,19 +868,10 @@ def draw_predictions(
         gt.masks = BitmapMasks(gt.masks.to_ndarray(), height, width).rescale(
             scale, 'nearest'
         )
-        name = osp.splitext(osp.basename(sample.img_path))[0]
-        path = osp.join(out_dir, f'{name}.png')
-        visualizer.add_datasample(
-            osp.basename(path),
-            image,
-            sample,
-            draw_gt=True,
-            draw_pred=True,
-            pred_score_thr=score_thr,
-            out_file=path,
-        )
-        paths.append(path)
-    return paths
+
+    return _draw_validation(
+        runner, out_dir, num_images, scale, enlarge, pred_score_thr=score_thr
+    )
 
 
 def draw_segmentation(
@@ -921,8 +895,36 @@ def draw_segmentation(
     Returns:
         list[str]: The PNG paths.
     """
-    import cv2
     from mmengine.structures import PixelData
+
+    def enlarge(sample, height: int, width: int) -> None:
+        for key in ('gt_sem_seg', 'pred_sem_seg'):
+            labels = sample.get(key).data.repeat_interleave(scale, -2)
+            sample.set_field(
+                PixelData(data=labels.repeat_interleave(scale, -1)),
+                key,
+                dtype=PixelData,
+            )
+
+    return _draw_validation(runner, out_dir, num_images, scale, enlarge)
+
+
+def _draw_validation(
+    runner, out_dir: str, num_images: int, scale: int, enlarge, **options
+) -> list[str]:
+    """Predicts the first validation images and draws each, enlarged
+    ``scale`` times, with the runner's visualizer (ground truth and
+    prediction side by side).
+
+    Args:
+        enlarge (callable): ``enlarge(sample, height, width)`` scales the
+            sample's ground truth and prediction to the enlarged image.
+        options: More arguments of the visualizer's ``add_datasample``.
+
+    Returns:
+        list[str]: The PNG paths.
+    """
+    import cv2
 
     os.makedirs(out_dir, exist_ok=True)
     dataset = runner.test_dataloader.dataset
@@ -943,14 +945,7 @@ def draw_segmentation(
             (width * scale, height * scale),
             interpolation=cv2.INTER_NEAREST,
         )
-        for key in ('gt_sem_seg', 'pred_sem_seg'):
-            labels = sample.get(key).data
-            labels = labels.repeat_interleave(scale, -2)
-            sample.set_field(
-                PixelData(data=labels.repeat_interleave(scale, -1)),
-                key,
-                dtype=PixelData,
-            )
+        enlarge(sample, height, width)
         name = osp.splitext(osp.basename(sample.img_path))[0]
         path = osp.join(out_dir, f'{name}.png')
         visualizer.add_datasample(
@@ -960,6 +955,7 @@ def draw_segmentation(
             draw_gt=True,
             draw_pred=True,
             out_file=path,
+            **options,
         )
         paths.append(path)
     return paths

@@ -26,15 +26,6 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob('*'))
 
 
-def run(args, capsys) -> tuple[int, str]:
-    try:
-        demo_main([str(arg) for arg in args])
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
-
-
 def test_tiny_segmentation_demo_reports_miou_and_draws_classes(tmp_path):
     out_dir, data_root = tmp_path / 'out', tmp_path / 'shapes'
     result = subprocess.run(
@@ -141,9 +132,10 @@ def test_configs_the_demo_cannot_run_are_refused_before_any_work(
     config, message, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    code, err = run(['--tiny', '--config', config], capsys)
-    assert code == 1
-    assert err == message + '\n'
+    with pytest.raises(SystemExit) as exit_info:
+        demo_main(['--tiny', '--config', str(config)])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == message + '\n'
     # No dataset generated, no output folder.
     assert listing(tmp_path) == []
 
@@ -174,8 +166,9 @@ def tiny_root(tmp_path_factory) -> str:
     return generate_shapes_dataset(str(root), pipeline.TINY_SHAPES)
 
 
-def fail_in_training(monkeypatch, error: BaseException) -> None:
-    """Training writes into its work folder, then fails."""
+def run_failing_demo(monkeypatch, out_dir, data_root, error) -> None:
+    """Runs the tiny demo; its training writes into its work folder, then
+    raises ``error``."""
 
     def train(cfg, progress=True, val_message=None):
         os.makedirs(os.path.join(cfg.work_dir, '20260101_000000'))
@@ -183,22 +176,21 @@ def fail_in_training(monkeypatch, error: BaseException) -> None:
         raise error
 
     monkeypatch.setattr(pipeline, 'train_quietly', train)
+    with pytest.raises(type(error)):
+        pipeline.run_demo(
+            out_dir=str(out_dir),
+            data_root=data_root,
+            config=str(MASK_RCNN),
+            tiny=True,
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize('error', [RuntimeError('boom'), KeyboardInterrupt()])
 def test_a_failed_run_leaves_no_output_folder(
     error, tiny_root, tmp_path, monkeypatch
 ):
-    fail_in_training(monkeypatch, error)
-    out_dir = tmp_path / 'new' / 'out'
-    with pytest.raises(type(error)):
-        pipeline.run_demo(
-            out_dir=str(out_dir),
-            data_root=tiny_root,
-            config=str(MASK_RCNN),
-            tiny=True,
-            progress=False,
-        )
+    run_failing_demo(monkeypatch, tmp_path / 'new' / 'out', tiny_root, error)
     assert listing(tmp_path) == []
 
 
@@ -210,15 +202,7 @@ def test_a_failed_run_keeps_the_previous_results(
     (out_dir / 'train' / 'iter_2.pth').write_bytes(b'previous run')
     (out_dir / 'metrics.json').write_text('{"coco/bbox_mAP": 0.5}')
     before = {p: p.read_bytes() for p in out_dir.rglob('*') if p.is_file()}
-    fail_in_training(monkeypatch, RuntimeError('boom'))
-    with pytest.raises(RuntimeError):
-        pipeline.run_demo(
-            out_dir=str(out_dir),
-            data_root=tiny_root,
-            config=str(MASK_RCNN),
-            tiny=True,
-            progress=False,
-        )
+    run_failing_demo(monkeypatch, out_dir, tiny_root, RuntimeError('boom'))
     after = {p: p.read_bytes() for p in out_dir.rglob('*') if p.is_file()}
     assert after == before
     assert listing(out_dir) == ['metrics.json', 'train', 'train/iter_2.pth']
@@ -236,3 +220,26 @@ def test_pictures_replace_the_old_ones_only_when_all_are_drawn(tmp_path):
     with pipeline.replaced_folder(str(folder)) as partial:
         Path(partial, 'new.png').write_bytes(b'new')
     assert listing(tmp_path) == ['predictions', 'predictions/new.png']
+
+
+def test_following_the_train_py_hint_gets_past_the_refusal(
+    tmp_path, monkeypatch
+):
+    """tools/train.py reads the COCO config and goes on to build its
+    Runner (where a stand-in stops it)."""
+    import runpy
+
+    from mmacmix.apis import runner
+
+    class Reached(Exception):
+        pass
+
+    def stop(cfg, *args, **kwargs):
+        raise Reached(cfg.train_dataloader.dataset.data_root)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, 'build_runner', stop)
+    train = runpy.run_path(str(REPO / 'tools' / 'train.py'))['main']
+    with pytest.raises(Reached, match='data/coco/'):
+        train([str(COCO), '--work-dir', 'work'])
+    assert listing(tmp_path) == []
