@@ -9,6 +9,7 @@ printed last, after torchrun's report of the failure.
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -228,3 +229,23 @@ def test_a_failing_workers_error_line_is_printed_last(tmp_path):
     # The launcher's folder for the workers' lines is gone too.
     assert sorted(p.name for p in tmp_path.iterdir()) == ['broken.py', 'tmp']
     assert list((tmp_path / 'tmp').glob('mmacmix-launch.*')) == []
+
+
+@pytest.mark.skipif(shutil.which('srun') is not None, reason='Slurm here')
+def test_without_slurm_the_suggested_launcher_starts(user_folder):
+    python = str(user_folder.parent / 'python')
+    result = launch(
+        'slurm_train.sh',
+        ['partition', 'job', 'cfg.py'],
+        user_folder,
+        PYTHON=python,
+    )
+    assert result.returncode == 1
+    assert 'Elsewhere use tools/dist_*.sh' in result.stderr
+    assert not (user_folder.parent / 'started').exists()
+    result = launch(
+        'dist_train.sh', ['cfg.py', '1'], user_folder, PYTHON=python
+    )
+    assert result.returncode == 0, result.stderr
+    started = (user_folder.parent / 'started').read_text()
+    assert started.startswith('-m torch.distributed.run ')
