@@ -17,7 +17,12 @@ import argparse
 
 from mmacmix.apis.inference import infer
 from mmacmix.apis.runner import DictAction
-from mmacmix.cli import add_debug_flag, add_trust_flag, exit_on_error
+from mmacmix.cli import (
+    ArgumentParser,
+    add_debug_flag,
+    add_trust_flag,
+    exit_on_error,
+)
 
 
 def probability(text: str) -> float:
@@ -34,7 +39,7 @@ def probability(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint that fits the config')
     parser.add_argument(

@@ -56,6 +56,7 @@ from mmacmix.checkpoint import (
     read_checkpoint,
     state_dict_of,
 )
+from mmacmix.cli import holding_warnings
 from mmacmix.fileio import atomic_path, check_folder
 
 from .runner import load_config
@@ -334,7 +335,9 @@ def build_inferencer(
     weights = read_checkpoint(checkpoint, trust=trust)
     state_dict_of(weights, checkpoint)  # a clear error if it holds none
     inferencer_class = _inferencer_class(cfg.default_scope)
-    with _quiet_mmengine():
+    # mmdet's and mmseg's modules warn about their own deprecated calls
+    # while the model is built: held back, as the other commands do.
+    with _quiet_mmengine(), holding_warnings():
         return inferencer_class(cfg, weights, checkpoint, device)
 
 

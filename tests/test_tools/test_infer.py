@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -270,7 +271,7 @@ def bad_cases(detector, segmentor, folder: Path) -> list[tuple]:
     torch.save({'state_dict': {}, 'meta': Pickled(folder / 'ran')}, evil)
     suffixes = '.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp'
     seg_checkpoint = segmentor['checkpoint']
-    return [
+    cases = [
         (
             [config, checkpoint, folder / 'missing.jpg'],
             f"input '{folder}/missing.jpg' does not exist; expected an "
@@ -320,6 +321,15 @@ def bad_cases(detector, segmentor, folder: Path) -> list[tuple]:
             "'cuda:N'",
         ),
     ]
+    if not torch.cuda.is_available():
+        cases.append(
+            (
+                [config, checkpoint, image, '--device', 'cuda'],
+                "--device 'cuda': this machine has no CUDA devices; use "
+                '--device cpu',
+            )
+        )
+    return cases
 
 
 def test_bad_arguments_fail_in_one_line_and_write_nothing(
@@ -335,3 +345,30 @@ def test_bad_arguments_fail_in_one_line_and_write_nothing(
         assert err[len('error: ') :].startswith(message), err
         assert not out.exists()
         assert sorted(os.listdir(tmp_path / 'in')) == before  # nothing ran
+
+
+def test_a_real_process_prints_one_line_though_mmseg_warns(
+    detector, segmentor, tmp_path
+):
+    # mmseg warns about its own deprecated calls while it builds the model;
+    # pytest would catch those warnings in this process, so the command
+    # runs in its own.
+    out = tmp_path / 'out'
+    args = [segmentor['config'], detector['checkpoint'], tmp_path]
+    (tmp_path / 'a.png').write_bytes(
+        (detector['root'] / 'coco' / 'val' / '000000.jpg').read_bytes()
+    )
+    result = subprocess.run(
+        [sys.executable, str(TOOLS / 'infer.py'), *map(str, args)]
+        + ['--out-dir', str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ''
+    assert result.stderr.startswith(
+        f"error: '{detector['checkpoint']}' does not fit EncoderDecoder: "
+    )
+    assert result.stderr.count('\n') == 1, result.stderr
+    assert not out.exists()
