@@ -236,40 +236,44 @@ MMACMIX_INLINE void sum_products(T* MMACMIX_RESTRICT y,
 }
 #endif
 
-// Two sums of products sharing their offsets: y1 from (a1, b1) and y2 from
-// (a2, b2).  Twice the independent chains of one sum, for the same offset
-// arithmetic.
+// Two sums of products sharing one factor: y1 from (a, b1) and y2 from
+// (a, b2), with the same offsets.  Each term loads a once for two
+// products, and the two sums are independent chains.
 template <typename T, typename OffsetA, typename OffsetB, typename Len>
-MMACMIX_INLINE void sum_products2(T* y1, const T* a1, const T* b1, T* y2,
-                                  const T* a2, const T* b2,
-                                  const OffsetA& a_at, const OffsetB& b_at,
-                                  int64_t terms, Len len) {
-  sum_products(y1, a1, a_at, b1, b_at, terms, len);
-  sum_products(y2, a2, a_at, b2, b_at, terms, len);
+MMACMIX_INLINE void sum_products_shared(T* y1, T* y2, const T* a,
+                                        const OffsetA& a_at, const T* b1,
+                                        const T* b2, const OffsetB& b_at,
+                                        int64_t terms, Len len) {
+  sum_products(y1, a, a_at, b1, b_at, terms, len);
+  sum_products(y2, a, a_at, b2, b_at, terms, len);
 }
 
 #if MMACMIX_VECTOR_TYPES
 template <typename T, int B, typename OffsetA, typename OffsetB>
-MMACMIX_INLINE void sum_products2(T* y1, const T* MMACMIX_RESTRICT a1,
-                                  const T* MMACMIX_RESTRICT b1, T* y2,
-                                  const T* MMACMIX_RESTRICT a2,
-                                  const T* MMACMIX_RESTRICT b2,
-                                  const OffsetA& a_at, const OffsetB& b_at,
-                                  int64_t terms, Block<T, 4, B>) {
+MMACMIX_INLINE void sum_products_shared(
+    T* MMACMIX_RESTRICT y1, T* MMACMIX_RESTRICT y2,
+    const T* MMACMIX_RESTRICT a, const OffsetA& a_at,
+    const T* MMACMIX_RESTRICT b1, const T* MMACMIX_RESTRICT b2,
+    const OffsetB& b_at, int64_t terms, Block<T, 4, B>) {
   using V = typename VecOf<T, B>::type;
   constexpr int64_t kLanes = sizeof(V) / sizeof(T);
   V p0 = {}, p1 = {}, p2 = {}, p3 = {}, r0 = {}, r1 = {}, r2 = {}, r3 = {};
   for (int64_t e = 0; e < terms; ++e) {
-    const int64_t ao = a_at(e), bo = b_at(e);
-    const T *x1 = a1 + ao, *z1 = b1 + bo, *x2 = a2 + ao, *z2 = b2 + bo;
-    p0 += load_vec<V>(x1) * load_vec<V>(z1);
-    r0 += load_vec<V>(x2) * load_vec<V>(z2);
-    p1 += load_vec<V>(x1 + kLanes) * load_vec<V>(z1 + kLanes);
-    r1 += load_vec<V>(x2 + kLanes) * load_vec<V>(z2 + kLanes);
-    p2 += load_vec<V>(x1 + 2 * kLanes) * load_vec<V>(z1 + 2 * kLanes);
-    r2 += load_vec<V>(x2 + 2 * kLanes) * load_vec<V>(z2 + 2 * kLanes);
-    p3 += load_vec<V>(x1 + 3 * kLanes) * load_vec<V>(z1 + 3 * kLanes);
-    r3 += load_vec<V>(x2 + 3 * kLanes) * load_vec<V>(z2 + 3 * kLanes);
+    const int64_t bo = b_at(e);
+    const T* x = a + a_at(e);
+    const T *z1 = b1 + bo, *z2 = b2 + bo;
+    V w = load_vec<V>(x);
+    p0 += w * load_vec<V>(z1);
+    r0 += w * load_vec<V>(z2);
+    w = load_vec<V>(x + kLanes);
+    p1 += w * load_vec<V>(z1 + kLanes);
+    r1 += w * load_vec<V>(z2 + kLanes);
+    w = load_vec<V>(x + 2 * kLanes);
+    p2 += w * load_vec<V>(z1 + 2 * kLanes);
+    r2 += w * load_vec<V>(z2 + 2 * kLanes);
+    w = load_vec<V>(x + 3 * kLanes);
+    p3 += w * load_vec<V>(z1 + 3 * kLanes);
+    r3 += w * load_vec<V>(z2 + 3 * kLanes);
   }
   store_vec(y1, p0);
   store_vec(y1 + kLanes, p1);
@@ -279,6 +283,24 @@ MMACMIX_INLINE void sum_products2(T* y1, const T* MMACMIX_RESTRICT a1,
   store_vec(y2 + kLanes, r1);
   store_vec(y2 + 2 * kLanes, r2);
   store_vec(y2 + 3 * kLanes, r3);
+}
+
+template <typename T, int B, typename OffsetA, typename OffsetB>
+MMACMIX_INLINE void sum_products_shared(
+    T* MMACMIX_RESTRICT y1, T* MMACMIX_RESTRICT y2,
+    const T* MMACMIX_RESTRICT a, const OffsetA& a_at,
+    const T* MMACMIX_RESTRICT b1, const T* MMACMIX_RESTRICT b2,
+    const OffsetB& b_at, int64_t terms, Block<T, 1, B>) {
+  using V = typename VecOf<T, B>::type;
+  V p = {}, r = {};
+  for (int64_t e = 0; e < terms; ++e) {
+    const int64_t bo = b_at(e);
+    const V w = load_vec<V>(a + a_at(e));
+    p += w * load_vec<V>(b1 + bo);
+    r += w * load_vec<V>(b2 + bo);
+  }
+  store_vec(y1, p);
+  store_vec(y2, r);
 }
 #endif
 
@@ -314,14 +336,24 @@ template <typename T, int B>
 MMACMIX_INLINE void row_logits(const T* x, int64_t x_plane, const T* xp,
                                int64_t xp_plane, const int64_t* offsets,
                                T* logits, int64_t stride, const Geometry& g) {
-  for (int64_t t = 0; t < g.kk; ++t) {
-    const int64_t off = offsets[t];
+  const auto x_at = [=](int64_t d) MMACMIX_LAMBDA { return d * x_plane; };
+  const auto xp_at = [=](int64_t d) MMACMIX_LAMBDA { return d * xp_plane; };
+  int64_t t = 0;
+  // Two window offsets at a time share the loads of x.
+  for (; t + 1 < g.kk; t += 2) {
+    const T* xp1 = xp + offsets[t];
+    const T* xp2 = xp + offsets[t + 1];
     for_column_blocks<T, B>(g.wo, [&](int64_t j0, auto width) MMACMIX_LAMBDA {
-      sum_products(
-          logits + t * stride + j0, x + j0,
-          [=](int64_t d) MMACMIX_LAMBDA { return d * x_plane; }, xp + j0,
-          [=](int64_t d) MMACMIX_LAMBDA { return d * xp_plane + off; }, g.d,
-          width);
+      sum_products_shared(logits + t * stride + j0,
+                          logits + (t + 1) * stride + j0, x + j0, x_at,
+                          xp1 + j0, xp2 + j0, xp_at, g.d, width);
+    });
+  }
+  if (t < g.kk) {
+    const T* xp1 = xp + offsets[t];
+    for_column_blocks<T, B>(g.wo, [&](int64_t j0, auto width) MMACMIX_LAMBDA {
+      sum_products(logits + t * stride + j0, x + j0, x_at, xp1 + j0, xp_at,
+                   g.d, width);
     });
   }
 }
@@ -332,13 +364,20 @@ template <typename T, int B>
 MMACMIX_INLINE void row_mix(const T* weights, int64_t stride, const T* xp,
                             int64_t xp_plane, const int64_t* offsets, T* out,
                             int64_t out_plane, const Geometry& g) {
+  const auto w_at = [=](int64_t t) MMACMIX_LAMBDA { return t * stride; };
+  const auto xp_at = [=](int64_t t) MMACMIX_LAMBDA { return offsets[t]; };
   for_column_blocks<T, B>(g.wo, [&](int64_t j0, auto width) MMACMIX_LAMBDA {
-    for (int64_t d = 0; d < g.d; ++d) {
-      sum_products(
-          out + d * out_plane + j0, weights + j0,
-          [=](int64_t t) MMACMIX_LAMBDA { return t * stride; },
-          xp + d * xp_plane + j0,
-          [=](int64_t t) MMACMIX_LAMBDA { return offsets[t]; }, g.kk, width);
+    int64_t d = 0;
+    // Two channels at a time share the loads of the weights.
+    for (; d + 1 < g.d; d += 2) {
+      sum_products_shared(out + d * out_plane + j0,
+                          out + (d + 1) * out_plane + j0, weights + j0, w_at,
+                          xp + d * xp_plane + j0,
+                          xp + (d + 1) * xp_plane + j0, xp_at, g.kk, width);
+    }
+    if (d < g.d) {
+      sum_products(out + d * out_plane + j0, weights + j0, w_at,
+                   xp + d * xp_plane + j0, xp_at, g.kk, width);
     }
   });
 }
@@ -659,16 +698,31 @@ MMACMIX_INLINE void scatter_rows(const Band<T>& band, T* grad_k, T* grad_v,
       const int64_t* wt = by_weight.data();
       const int64_t* vt = by_value.data();
       const int64_t terms = static_cast<int64_t>(by_weight.size());
+      const auto w_at = [=](int64_t e) MMACMIX_LAMBDA { return wt[e]; };
+      const auto v_at = [=](int64_t e) MMACMIX_LAMBDA { return vt[e]; };
       for_column_blocks<T, B>(g.wph, [&](int64_t m0, auto width) MMACMIX_LAMBDA {
-        for (int64_t d = 0; d < g.d; ++d) {
+        // Two channels at a time share the loads of the weights.
+        int64_t d = 0;
+        for (; d + 1 < g.d; d += 2) {
           const int64_t at = d * row + ph * g.wph + m0;
           const int64_t plane_at = d * band_plane + m0;
-          sum_products2(
-              acc_k + at, band.grad_logits + m0, band.q_rows + plane_at,
-              acc_v + at, band.probs + m0,
-              band.grad_rows + plane_at,
-              [=](int64_t e) MMACMIX_LAMBDA { return wt[e]; },
-              [=](int64_t e) MMACMIX_LAMBDA { return vt[e]; }, terms, width);
+          sum_products_shared(acc_k + at, acc_k + at + row,
+                              band.grad_logits + m0, w_at,
+                              band.q_rows + plane_at,
+                              band.q_rows + plane_at + band_plane, v_at,
+                              terms, width);
+          sum_products_shared(acc_v + at, acc_v + at + row, band.probs + m0,
+                              w_at, band.grad_rows + plane_at,
+                              band.grad_rows + plane_at + band_plane, v_at,
+                              terms, width);
+        }
+        if (d < g.d) {
+          const int64_t at = d * row + ph * g.wph + m0;
+          const int64_t plane_at = d * band_plane + m0;
+          sum_products(acc_k + at, band.grad_logits + m0, w_at,
+                       band.q_rows + plane_at, v_at, terms, width);
+          sum_products(acc_v + at, band.probs + m0, w_at,
+                       band.grad_rows + plane_at, v_at, terms, width);
         }
       });
     }
