@@ -14,7 +14,6 @@ files with trust).
 import io
 import os
 import pickle
-import runpy
 import zipfile
 from fractions import Fraction
 from pathlib import Path
@@ -23,6 +22,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from cli_helpers import error_line, listing, run, tool
 from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.runner import CheckpointLoader
 from mmengine.runner.checkpoint import load_from_local
@@ -51,28 +51,6 @@ class _RunsCode:
 
     def __reduce__(self):
         return os.system, (self.command,)
-
-
-def tool(name: str):
-    return runpy.run_path(str(REPO / 'tools' / name))['main']
-
-
-def run(main, args, capsys) -> tuple[int, str]:
-    try:
-        main([str(arg) for arg in args])
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob('*'))
-
-
-def error_line(err: str) -> str:
-    [line] = [line for line in err.splitlines() if line.startswith('error:')]
-    return line
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ interpreter.
 """
 
 import os
-import runpy
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import error_line, listing, run, tool
 from mmengine.registry import MODELS, DefaultScope
 
 from mmacmix.apis import check_checkpoint, load_config
@@ -32,31 +32,6 @@ from mmacmix.models import ACmixSwinTransformer, XVolutionResNet
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / 'configs/demo/mask-rcnn_acmix-r26_fpn_shapes.py'
 TINY_SWIN = dict(embed_dims=12, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1))
-
-
-def tool(name: str):
-    """The ``main`` of a script under tools/."""
-    return runpy.run_path(str(REPO / 'tools' / name))['main']
-
-
-def run(main, args, capsys) -> tuple[int, str]:
-    """Calls ``main(args)``; returns its exit status and one-line stderr."""
-    try:
-        main([str(arg) for arg in args])
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob('*'))
-
-
-def error_line(err: str) -> str:
-    """The ``error:`` line of stderr, checked to be the only one of it."""
-    [line] = [line for line in err.splitlines() if line.startswith('error:')]
-    return line
 
 
 # The shared error exit.

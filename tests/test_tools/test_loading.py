@@ -10,7 +10,6 @@ resume), so each case takes seconds.
 """
 
 import re
-import runpy
 import socket
 import urllib.error
 from pathlib import Path
@@ -18,9 +17,11 @@ from pathlib import Path
 import mmengine.config.config
 import pytest
 import torch
+from cli_helpers import error_line, listing, run, tool
 from mmdet.models.backbones import ResNet
 from mmengine.runner import CheckpointLoader
 from mmengine.runner.checkpoint import load_from_local
+from xvolution_helpers import torchvision_resnet
 
 import mmacmix.deploy
 from mmacmix.apis import (
@@ -52,29 +53,6 @@ model = dict(
                   out_indices=(1, 2, 3)),
     neck=dict(in_channels=[128, 256, 512]))
 """
-
-
-def tool(name: str):
-    return runpy.run_path(str(REPO / 'tools' / name))['main']
-
-
-def run(main, args, capsys) -> tuple[int, str]:
-    try:
-        result = main([str(arg) for arg in args])
-        code = 0
-    except SystemExit as exit_info:
-        code, result = exit_info.code, None
-    run.result = result
-    return code, capsys.readouterr().err
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob('*'))
-
-
-def error_line(err: str) -> str:
-    [line] = [line for line in err.splitlines() if line.startswith('error:')]
-    return line
 
 
 def suggested(line: str, after: str, until: str) -> list[str]:
@@ -116,15 +94,6 @@ def detector() -> torch.nn.Module:
     return build_model(load_config(str(DEMO_CONFIG)))
 
 
-def torchvision_resnet18() -> dict[str, torch.Tensor]:
-    """A state dict laid out as torchvision's ResNet-18 (no download):
-    mmdet's ResNet has torchvision's names, plus the classifier."""
-    state = ResNet(depth=18).state_dict()
-    state['fc.weight'] = torch.randn(1000, 512)
-    state['fc.bias'] = torch.zeros(1000)
-    return state
-
-
 def assert_same(module: torch.nn.Module, state: dict, prefix: str = ''):
     own = module.state_dict()
     for key, value in state.items():
@@ -136,7 +105,7 @@ def test_foreign_checkpoint_through_load_from(
 ):
     monkeypatch.chdir(tmp_path)
     foreign = tmp_path / 'resnet18.pth'
-    torch.save(torchvision_resnet18(), foreign)
+    torch.save(torchvision_resnet(18)[0], foreign)
     before = listing(tmp_path)
     train = tool('train.py')
     args = [DEMO_CONFIG, '--work-dir', tmp_path / 'work']
@@ -223,7 +192,7 @@ def test_plain_resnet_converter_hint_works(
     config = tmp_path / 'xvolution.py'
     config.write_text(XVOLUTION_CONFIG)
     foreign = tmp_path / 'resnet18.pth'
-    torch.save(torchvision_resnet18(), foreign)
+    torch.save(torchvision_resnet(18)[0], foreign)
     work = ['--work-dir', tmp_path / 'work']
     load_from = ['--cfg-options', f'load_from={foreign}']
     code, err = run(tool('train.py'), [config, *load_from, *work], capsys)
