@@ -14,6 +14,7 @@ files with trust).
 import io
 import os
 import pickle
+import sys
 import zipfile
 from fractions import Fraction
 from pathlib import Path
@@ -26,6 +27,7 @@ from cli_helpers import error_line, listing, run, tool
 from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.runner import CheckpointLoader
 from mmengine.runner.checkpoint import load_from_local
+from xvolution_helpers import torchvision_resnet
 
 from mmacmix.checkpoint import (
     UntrustedCheckpointError,
@@ -350,3 +352,30 @@ def test_pretrained_loads_a_runner_checkpoint(tmp_path):
     load_pretrained(loaded, str(path), 'backbone.')
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_converters_trust_what_they_are_told_to(tmp_path, capsys):
+    """--trust-checkpoint reads a file the old way, classes that cannot be
+    imported included (as plain dicts), and the conversion proceeds."""
+    module = tmp_path / 'gone_module.py'
+    module.write_text('class Settings(dict):\n    pass\n')
+    sys.path.insert(0, str(tmp_path))
+    try:
+        settings = __import__('gone_module').Settings(depth=18)
+        payload = {'model': torchvision_resnet(18)[0], 'args': settings}
+        torch.save(payload, tmp_path / 'resnet.pth')
+    finally:
+        sys.path.remove(str(tmp_path))
+        del sys.modules['gone_module']
+    module.unlink()
+    converter = tool('model_converters/resnet2xvolution.py')
+    args = [tmp_path / 'resnet.pth', tmp_path / 'out.pth']
+    code, err = run(converter, args, capsys)
+    assert code == 1
+    assert 'unpickling it needs gone_module.Settings' in error_line(err)
+    assert not (tmp_path / 'out.pth').exists()
+    assert run(converter, args + ['--trust-checkpoint'], capsys)[0] == 0
+    converted = read_checkpoint(str(tmp_path / 'out.pth'))['state_dict']
+    assert torch.equal(
+        converted['backbone.conv1.weight'], payload['model']['conv1.weight']
+    )

@@ -384,3 +384,33 @@ def test_flush_denormal_hook_restores_the_setting():
             assert flushing_denormals() == before
     finally:
         torch.set_flush_denormal(True)  # as conftest.py sets it
+
+
+def test_build_model_builds_what_the_runner_builds():
+    """The one model-from-config builder: the config's scope, SyncBN as BN
+    (no process group outside a run), the data preprocessor set beside
+    the model as mmpretrain configs do, nothing initialised."""
+    cfg = dict(
+        default_scope='mmpretrain',
+        model=dict(
+            type='ImageClassifier',
+            backbone=dict(
+                type='mmacmix.ACmixResNet',
+                depth=26,
+                norm_cfg=dict(type='SyncBN'),
+                init_cfg=dict(type='Pretrained', checkpoint='absent.pth'),
+            ),
+            neck=dict(type='GlobalAveragePooling'),
+        ),
+        data_preprocessor=dict(mean=[1.0, 2.0, 3.0], std=[4.0, 5.0, 6.0]),
+    )
+    model = build_model(cfg)
+    assert type(model).__name__ == 'ImageClassifier'
+    norms = [
+        type(m).__name__ for m in model.modules() if 'Norm' in type(m).__name__
+    ]
+    assert norms and 'SyncBatchNorm' not in norms
+    assert model.data_preprocessor.mean.flatten().tolist() == [1.0, 2.0, 3.0]
+    backbone = build_model(cfg, 'backbone')
+    assert type(backbone) is ACmixResNet
+    assert backbone.state_dict().keys() == model.backbone.state_dict().keys()
