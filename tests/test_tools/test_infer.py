@@ -8,14 +8,13 @@ same images, must write the same boxes, scores, labels and masks
 (detection) and the same class map (segmentation). Bad arguments end with
 one line on stderr, exit status 1 and nothing written.
 
-The tools run in this process (a subprocess would spend seconds importing
-torch and the OpenMMLab packages).
+The tools run in this process (tests/cli_helpers.py), but for one case
+that needs the console of a process of its own.
 """
 
 import json
 import os
 import pickle
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from cli_helpers import error_line, listing, run, tool
 from PIL import Image
 
 from mmacmix.apis.inference import (
@@ -92,19 +92,6 @@ default_hooks = dict(checkpoint=dict(interval=1))
 """
 
 
-def run_tool(tool: str, *args) -> int:
-    """Runs ``tools/<tool>`` in this process; returns its exit status."""
-    argv = sys.argv
-    sys.argv = [str(TOOLS / tool), *map(str, args)]
-    try:
-        runpy.run_path(sys.argv[0], run_name='__main__')
-        return 0
-    except SystemExit as exit_info:
-        return exit_info.code or 0
-    finally:
-        sys.argv = argv
-
-
 def trained(folder: Path, template: str, base: str) -> dict[str, Path]:
     """Writes a config, trains it one iteration and dumps its test
     predictions with tools/test.py."""
@@ -115,9 +102,9 @@ def trained(folder: Path, template: str, base: str) -> dict[str, Path]:
         template.format(base=str(DEMO / base), root=root + '/', dump=str(dump))
     )
     work = folder / 'work'
-    assert run_tool('train.py', config, '--work-dir', work) == 0
+    tool('train.py')([str(config), '--work-dir', str(work)])
     checkpoint = work / 'iter_1.pth'
-    assert run_tool('test.py', config, checkpoint, '--work-dir', work) == 0
+    tool('test.py')([str(config), str(checkpoint), '--work-dir', str(work)])
     with open(dump, 'rb') as file:
         dumped = pickle.load(file)
     return dict(
@@ -146,20 +133,10 @@ def segmentor(tmp_path_factory) -> dict:
 def test_detections_equal_what_test_py_computes(detector, tmp_path, capsys):
     images = detector['root'] / 'coco' / 'val'
     out = tmp_path / 'out'
-    code = run_tool(
-        'infer.py',
-        detector['config'],
-        detector['checkpoint'],
-        images,
-        '--out-dir',
-        out,
-        '--device',
-        'cpu',
-        '--score-thr',
-        '0.1',
-    )
+    args = [detector['config'], detector['checkpoint'], images]
+    args += ['--out-dir', out, '--device', 'cpu', '--score-thr', '0.1']
+    tool('infer.py')([str(arg) for arg in args])
     captured = capsys.readouterr()
-    assert code == 0, captured.err
     assert captured.out.splitlines()[-1] == (
         f'detection of 2 images: predictions in {out}/preds, pictures in '
         f'{out}/vis'
@@ -187,20 +164,16 @@ def test_detections_equal_what_test_py_computes(detector, tmp_path, capsys):
         assert drawn.shape == (64, 64, 3)
 
 
-def test_segmentation_equals_what_test_py_computes(segmentor, tmp_path):
+def test_segmentation_equals_what_test_py_computes(
+    segmentor, tmp_path, capsys
+):
     images = sorted(
         (segmentor['root'] / 'ade' / 'images' / 'validation').glob('*.jpg')
     )
     out = tmp_path / 'out'
-    code = run_tool(
-        'infer.py',
-        segmentor['config'],
-        segmentor['checkpoint'],
-        *images,
-        '--out-dir',
-        out,
-    )
-    assert code == 0
+    args = [segmentor['config'], segmentor['checkpoint'], *images]
+    code, err = run(tool('infer.py'), [*args, '--out-dir', out], capsys)
+    assert code == 0, err
     assert len(segmentor['dump']) == 2
     for sample in segmentor['dump']:
         name = Path(sample['img_path']).stem
@@ -335,16 +308,16 @@ def bad_cases(detector, segmentor, folder: Path) -> list[tuple]:
 def test_bad_arguments_fail_in_one_line_and_write_nothing(
     detector, segmentor, tmp_path, capsys
 ):
+    infer = tool('infer.py')
     for args, message in bad_cases(detector, segmentor, tmp_path / 'in'):
-        before = sorted(os.listdir(tmp_path / 'in'))
+        before = listing(tmp_path / 'in')
         out = tmp_path / 'out'
-        code = run_tool('infer.py', *args, '--out-dir', out)
-        err = capsys.readouterr().err
+        code, err = run(infer, [*args, '--out-dir', out], capsys)
         assert code == 1, (args, err)
-        assert err.count('\n') == 1 and err.startswith('error: '), err
-        assert err[len('error: ') :].startswith(message), err
+        assert err.count('\n') == 1, err  # nothing but the error line
+        assert error_line(err).startswith(f'error: {message}'), err
         assert not out.exists()
-        assert sorted(os.listdir(tmp_path / 'in')) == before  # nothing ran
+        assert listing(tmp_path / 'in') == before  # nothing ran
 
 
 def test_a_real_process_prints_one_line_though_mmseg_warns(
