@@ -23,8 +23,6 @@ specialising the map's sizes); the head width's specialisations (1,
 multiples of 16, others) and misaligned views are compiled too.
 """
 
-import re
-
 import pytest
 import torch
 
@@ -34,6 +32,7 @@ import triton.language as tl  # noqa: E402
 from triton_gates import (  # noqa: E402
     Compiled,
     Launch,
+    budget_violations,
     compile_launch,
     describe,
     record_launches,
@@ -82,19 +81,15 @@ def op_launches(d, h, w, stride, dtype, kernel_size=7, n=2, offset=0):
 def assert_within_budget(
     compiled: Compiled, registers: int = REGISTERS
 ) -> None:
-    where = f'{compiled.name} [{compiled.specialisation}]'
-    assert re.search(r'^\.target sm_90a$', compiled.ptx, re.M), where
-    assert compiled.cubin, where
-    assert compiled.spill_stores == compiled.spill_loads == 0, where
-    assert compiled.stack == 0, where
-    assert compiled.registers <= registers, (where, compiled.registers)
-    assert compiled.shared <= SHARED_BYTES, (where, compiled.shared)
+    violations = budget_violations(
+        compiled, registers=registers, shared_bytes=SHARED_BYTES
+    )
+    assert not violations, violations
     # Warps on the pixels only: one head's channels inside a warp.
     layouts = [w for w in compiled.warps_per_cta() if len(w) == 2]
-    assert layouts, where
+    assert layouts, compiled.specialisation
     channels = kernels.CHANNEL_AXIS
-    assert all(warps[channels] == 1 for warps in layouts), (where, layouts)
-    assert compiled.div_rem_in_loops() == 0, where
+    assert all(w[channels] == 1 for w in layouts), (compiled.name, layouts)
 
 
 @pytest.mark.parametrize('head_width', [16, 32, 64, 128])
@@ -220,3 +215,79 @@ def test_gates_see_a_division_inside_a_loop():
     x = torch.zeros(64)
     compiled = compile_launch(Launch(folding, (x, 37, 7), {'BLOCK': 64}))
     assert compiled.div_rem_in_loops() >= 1
+
+
+def test_budget_violations_name_each_problem():
+    compiled = Compiled(
+        name='k',
+        specialisation='fp32',
+        num_warps=4,
+        registers=200,
+        stack=16,
+        spill_stores=8,
+        spill_loads=4,
+        shared=512,
+        ptx='.target sm_80\n' + LOOP_PTX,
+        ttgir='',
+        cubin=b'',
+    )
+    assert budget_violations(compiled, registers=168) == [
+        'k [fp32]: the PTX does not target sm_90a',
+        'k [fp32]: no cubin',
+        'k [fp32]: spills: 8 bytes stored, 4 loaded',
+        'k [fp32]: a stack frame of 16 bytes',
+        'k [fp32]: 200 registers > 168',
+        'k [fp32]: 512 bytes of shared memory',
+        'k [fp32]: 1 integer div/rem inside loops',
+    ]
+
+
+def summary() -> str:
+    """Markdown table of the gates per kernel and head width, over every
+    dtype, both strides and every autotune config (for the docs)."""
+    rows = {}
+    for dtype in DTYPES.values():
+        for stride in (1, 2):
+            for width in (16, 32, 64, 128):
+                for launch in op_launches(width, 9, 11, stride, dtype):
+                    compiled = compile_launch(launch)
+                    kwargs = launch.kwargs
+                    tile = kwargs['BLOCK_H'] * kwargs['BLOCK_W']
+                    row = rows.setdefault(
+                        (compiled.name, width),
+                        {'tiles': set(), 'registers': [], 'other': set()},
+                    )
+                    row['tiles'].add((tile, compiled.num_warps))
+                    row['registers'].append(compiled.registers)
+                    row['other'].add(
+                        (
+                            compiled.spill_stores + compiled.spill_loads,
+                            compiled.stack,
+                            compiled.shared,
+                            compiled.div_rem(),
+                            compiled.div_rem_in_loops(),
+                        )
+                    )
+    lines = [
+        '| kernel | head width | tiles (pixels x warps) | registers | '
+        'spill bytes, stack, shared | int div/rem (in loops) |',
+        '| --- | --- | --- | --- | --- | --- |',
+    ]
+    for (name, width), row in rows.items():
+        tiles = ', '.join(f'{p}x{w}' for p, w in sorted(row['tiles']))
+        other = sorted(row['other'])
+        spills = {f'{s}, {k}, {m}' for s, k, m, _, _ in other}
+        divisions = {f'{d} ({loops})' for _, _, _, d, loops in other}
+        lines.append(
+            f'| `{name.strip("_")}` | {width} | {tiles} | '
+            f'{min(row["registers"])}-{max(row["registers"])} | '
+            f'{" / ".join(sorted(spills))} | '
+            f'{" / ".join(sorted(divisions))} |'
+        )
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    # python tests/test_ops/test_triton_gates.py: the table of the docs.
+    print(f'triton {triton.__version__}, sm_90a\n')
+    print(summary())

@@ -17,8 +17,9 @@ The result (`Compiled`) carries what the tests assert:
 * the PTX, with its integer divisions and remainders, and those of them
   inside a loop.
 
-Run as a script, it prints a markdown table of the local attention's
-gates (``python tests/test_ops/triton_gates.py``).
+`budget_violations` turns these into messages against a budget. To gate
+another op, record its launches on small CPU tensors and assert that
+every compiled launch has no violation, as test_triton_gates.py does.
 """
 
 from __future__ import annotations
@@ -163,6 +164,44 @@ class Compiled:
             f'{self.stack} | '
             f'{self.shared} | {self.div_rem()} | {self.div_rem_in_loops()} |'
         )
+
+
+def budget_violations(
+    compiled: Compiled,
+    *,
+    registers: int,
+    shared_bytes: int = 0,
+    div_rem_in_loops: int = 0,
+) -> list[str]:
+    """What in ``compiled`` breaks a budget (empty when nothing does).
+
+    Checked: the PTX targets sm_90a and a cubin came out; no spill stores
+    or loads and no stack frame; at most ``registers`` registers per
+    thread and ``shared_bytes`` of shared memory; at most
+    ``div_rem_in_loops`` integer divisions or remainders inside loops.
+    """
+    where = f'{compiled.name} [{compiled.specialisation}]'
+    found = []
+    if not re.search(r'^\.target sm_90a$', compiled.ptx, re.M):
+        found.append('the PTX does not target sm_90a')
+    if not compiled.cubin:
+        found.append('no cubin')
+    if compiled.spill_stores or compiled.spill_loads:
+        found.append(
+            f'spills: {compiled.spill_stores} bytes stored, '
+            f'{compiled.spill_loads} loaded'
+        )
+    if compiled.stack:
+        found.append(f'a stack frame of {compiled.stack} bytes')
+    if compiled.registers > registers:
+        found.append(f'{compiled.registers} registers > {registers}')
+    if compiled.shared > shared_bytes:
+        found.append(f'{compiled.shared} bytes of shared memory')
+    if compiled.div_rem_in_loops() > div_rem_in_loops:
+        found.append(
+            f'{compiled.div_rem_in_loops()} integer div/rem inside loops'
+        )
+    return [f'{where}: {problem}' for problem in found]
 
 
 TABLE_HEADER = (
