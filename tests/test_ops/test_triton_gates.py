@@ -120,7 +120,7 @@ MAP_SIZES = ('H', 'W', 'HO', 'WO')
 @pytest.mark.parametrize('name', list(SPECIAL_MAPS))
 def test_special_sizes_launch_the_plain_kernels(name, stride):
     d, h, w = SPECIAL_MAPS[name]
-    dtype = DTYPES[['float32', 'float16', 'bfloat16'][stride]]
+    dtype = DTYPES[['float32', 'float16', 'bfloat16'][stride]]  # by stride
     launches = op_launches(d, h, w, stride, dtype)
     plain = op_launches(d, 9, 11, stride, dtype)
     assert [describe(x) for x in launches] == [describe(x) for x in plain]
@@ -135,7 +135,7 @@ def test_special_sizes_launch_the_plain_kernels(name, stride):
 @pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('head_width', [5, 24])
 def test_other_head_widths_within_budget(head_width, stride):
-    dtype = DTYPES[['float32', 'bfloat16', 'float16'][stride]]
+    dtype = DTYPES[['float32', 'bfloat16', 'float16'][stride]]  # by stride
     for launch in op_launches(head_width, 9, 11, stride, dtype):
         assert_within_budget(compile_launch(launch), REGISTERS_ANY_WIDTH)
 
