@@ -90,6 +90,10 @@ def assert_within_budget(
     assert layouts, compiled.specialisation
     channels = kernels.CHANNEL_AXIS
     assert all(w[channels] == 1 for w in layouts), (compiled.name, layouts)
+    # The k/v gradients' atomic adds need no ordering: relaxed, no fences.
+    atomics = compiled.atomics()
+    assert bool(atomics) == (compiled.name == '_backward_kv_kernel')
+    assert all('.relaxed.' in op for op in atomics), atomics
 
 
 @pytest.mark.parametrize('head_width', [16, 32, 64, 128])
@@ -176,6 +180,7 @@ $L__BB0_1:
     div.rn.f32 %f1, %f2, %f3;
     setp.lt.s32 %p2, %r4, %r6;
     @%p2 bra $L__BB0_1;
+    @%p3 atom.global.gpu.relaxed.add.f32 %f4, [%rd1], %f5;
     div.u32 %r7, %r8, %r9;
 $L__BB0_2:
     ret;
@@ -197,24 +202,26 @@ def test_division_counts_find_loops():
         ttgir='',
         cubin=b'',
     )
+    assert compiled.atomics() == ['atom.global.gpu.relaxed.add.f32']
     assert compiled.div_rem() == 3
     assert compiled.div_rem_in_loops() == 1
+
+
+@triton.jit
+def _folding_in_a_loop(x_ptr, size, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    total = tl.zeros((BLOCK,), tl.float32)
+    for t in range(n):
+        total += tl.load(x_ptr + (offsets + t) % size)
+    tl.store(x_ptr + offsets, total)
 
 
 def test_gates_see_a_division_inside_a_loop():
     # A kernel that folds its index with a runtime remainder in the loop
     # (as the kernels once did for every window offset) fails the gate.
-    @triton.jit
-    def folding(x_ptr, size, n, BLOCK: tl.constexpr):
-        offsets = tl.arange(0, BLOCK)
-        total = tl.zeros((BLOCK,), tl.float32)
-        for t in range(n):
-            total += tl.load(x_ptr + (offsets + t) % size)
-        tl.store(x_ptr + offsets, total)
-
     x = torch.zeros(64)
-    compiled = compile_launch(Launch(folding, (x, 37, 7), {'BLOCK': 64}))
-    assert compiled.div_rem_in_loops() >= 1
+    launch = Launch(_folding_in_a_loop, (x, 37, 7), {'BLOCK': 64})
+    assert compile_launch(launch).div_rem_in_loops() >= 1
 
 
 def test_budget_violations_name_each_problem():

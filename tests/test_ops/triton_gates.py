@@ -149,6 +149,14 @@ class Compiled:
                 inside.update(range(labels[m.group(1)], n + 1))
         return sum(n in inside for n in _integer_div_rem(lines))
 
+    def atomics(self) -> list[str]:
+        """Opcodes of the atomic and reduction instructions in the PTX."""
+        return re.findall(
+            r'^\s*(?:@!?%p\d+\s+)?((?:atom|red)\.[\w.]+)',
+            self.ptx,
+            re.M,
+        )
+
     def warps_per_cta(self) -> list[tuple[int, ...]]:
         """``warpsPerCTA`` of every blocked layout in the TTGIR."""
         return [
