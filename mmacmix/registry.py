@@ -1,8 +1,9 @@
 """The mmacmix registries, and the suggestions made for a typo in a config.
 
-``MODELS`` and ``HOOKS`` are children of MMEngine's root registries: mmdet
-and mmseg configs reach our classes as ``type='mmacmix.ACmixResNet'``
-(models) or ``type='mmacmix.ExactResumeHook'`` (hooks) without either
+``MODELS``, ``HOOKS`` and ``RUNNERS`` are children of MMEngine's root
+registries: mmdet and mmseg configs reach our classes as
+``type='mmacmix.ACmixResNet'`` (models), ``type='mmacmix.ExactResumeHook'``
+(hooks) or ``runner_type='mmacmix.CheckedRunner'`` without either
 package knowing about us, and ``locations`` imports the classes on first
 use.
 
@@ -25,6 +26,7 @@ from collections.abc import Iterable, Iterator
 
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import RUNNERS as MMENGINE_RUNNERS
 from mmengine.registry import DefaultScope, Registry
 
 
@@ -179,6 +181,14 @@ HOOKS = SuggestingRegistry(
     parent=MMENGINE_HOOKS,
     scope='mmacmix',
     locations=['mmacmix.apis.hooks'],
+)
+# runner_type='mmacmix.CheckedRunner': checkpoints loaded as tools/train.py
+# loads them, for launchers that build the Runner themselves (mim train).
+RUNNERS = SuggestingRegistry(
+    'runner',
+    parent=MMENGINE_RUNNERS,
+    scope='mmacmix',
+    locations=['mmacmix.apis.runner'],
 )
 
 # MMEngine's message for a name no registry of the scope holds.

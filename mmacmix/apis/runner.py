@@ -48,6 +48,7 @@ from mmacmix.checkpoint import (
     trusted_checkpoints,
 )
 from mmacmix.fileio import atomic_path, check_destination
+from mmacmix.registry import RUNNERS
 
 from .dist import setup_distributed
 from .hooks import add_project_hooks
@@ -138,6 +139,7 @@ def build_model(cfg: Mapping, part: str | None = None) -> nn.Module:
     return revert_sync_batchnorm(model)
 
 
+@RUNNERS.register_module()
 class CheckedRunner(Runner):
     """MMEngine's Runner loading checkpoints as the rest of mmacmix does.
 
@@ -147,7 +149,9 @@ class CheckedRunner(Runner):
     it with :func:`~mmacmix.checkpoint.load_weights`: strict key matching
     unless :attr:`strict_load` is False, when the keys that do not fit are
     logged as a warning, as MMEngine does. Everything else is MMEngine's
-    ``Runner``.
+    ``Runner``. Registered: a config with
+    ``runner_type = 'mmacmix.CheckedRunner'`` gets it from launchers that
+    build the Runner themselves (``mim train``).
     """
 
     #: Whether checkpoints must fit the model exactly.

@@ -414,3 +414,29 @@ def test_build_model_builds_what_the_runner_builds():
     backbone = build_model(cfg, 'backbone')
     assert type(backbone) is ACmixResNet
     assert backbone.state_dict().keys() == model.backbone.state_dict().keys()
+
+
+def test_launchers_of_other_packages_get_the_checked_runner(
+    tmp_path, detector, monkeypatch
+):
+    """``runner_type='mmacmix.CheckedRunner'``: what mmdet's tools/train.py
+    (``mim train``) builds with its own RUNNERS registry loads as ours."""
+    from mmdet.registry import RUNNERS
+    from mmengine.registry import DefaultScope
+
+    monkeypatch.setattr(
+        mmengine.config.config, 'FormatCode', lambda text, **_: (text, None)
+    )
+    cfg = load_config(str(DEMO_CONFIG), work_dir=str(tmp_path / 'work'))
+    cfg.runner_type = 'mmacmix.CheckedRunner'
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        runner = RUNNERS.build(cfg)
+    assert type(runner) is CheckedRunner
+    weights = tmp_path / 'weights.pth'
+    torch.save({'state_dict': detector.state_dict()}, weights)
+    runner.load_checkpoint(str(weights))
+    assert_same(runner.model, detector.state_dict())
+    backbone = tmp_path / 'backbone.pth'
+    torch.save(detector.backbone.state_dict(), backbone)
+    with pytest.raises(KeyMismatchError, match='holds the backbone alone'):
+        runner.load_checkpoint(str(backbone))
