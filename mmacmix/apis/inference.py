@@ -52,14 +52,14 @@ from mmengine.config import Config
 from mmengine.logging import MMLogger
 
 from mmacmix.checkpoint import (
-    load_state_dict_strictly,
+    load_weights,
     read_checkpoint,
     state_dict_of,
 )
 from mmacmix.cli import holding_warnings
 from mmacmix.fileio import atomic_path, check_folder
 
-from .runner import load_config
+from .runner import build_model, load_config
 
 __all__ = [
     'IMAGE_SUFFIXES',
@@ -416,20 +416,23 @@ def _inferencer_class(scope: str) -> type:
             self._source = source
             super().__init__(model=cfg, weights=None, device=device)
 
-        def _load_weights_to_model(self, model, checkpoint, cfg) -> None:
+        def _init_model(self, cfg: Config, weights, device: str):
             # weights=None above: the checkpoint was read (and checked) by
-            # mmacmix, not by MMEngine's loader.
-            load_state_dict_strictly(
-                model,
-                state_dict_of(self._checkpoint, self._source),
-                repr(self._source),
-            )
-            meta = dict(self._checkpoint.get('meta') or {})
-            meta['dataset_meta'] = _dataset_meta(cfg, self._checkpoint)
+            # mmacmix, not by MMEngine's loader; the model is built by the
+            # one builder of mmacmix.
+            model = build_model(cfg)
+            model.cfg = cfg
+            self._load_weights_to_model(model, self._checkpoint, cfg)
+            return model.to(device).eval()
+
+        def _load_weights_to_model(self, model, checkpoint, cfg) -> None:
+            load_weights(model, checkpoint, repr(self._source))
+            meta = dict(checkpoint.get('meta') or {})
+            meta['dataset_meta'] = _dataset_meta(cfg, checkpoint)
             # The parent reads the class names and palette from the meta
             # (it loads the same weights once more, without effect).
             super()._load_weights_to_model(
-                model, {**self._checkpoint, 'meta': meta}, cfg
+                model, {**checkpoint, 'meta': meta}, cfg
             )
 
         def run_one(self, image: str, score_thr: float):
