@@ -255,18 +255,17 @@ def train(
         cfg = load_config(config, work_dir, cfg_options)
         if amp:
             enable_amp(cfg)
-        checkpoint, option = cfg.get('load_from'), 'load_from'
+        checkpoint = cfg.get('load_from')
         if resume == 'auto' or resume is True:
             cfg.resume = True
             cfg.load_from = None
-            checkpoint, option = find_latest_checkpoint(cfg.work_dir), 'resume'
+            checkpoint = find_latest_checkpoint(cfg.work_dir)
         elif resume:
             cfg.resume = True
             cfg.load_from = checkpoint = resume
-            option = 'resume'
         setup_distributed(cfg, launcher)
         if checkpoint:
-            check_checkpoint(cfg, checkpoint, strict=strict, command=option)
+            check_checkpoint(cfg, checkpoint, bool(resume), strict)
         fetch_pretrained(cfg.model)
         runner = build_runner(add_project_hooks(cfg), strict=strict)
         runner.train()
@@ -332,7 +331,7 @@ def test(
     with trusted_checkpoints(trust):
         cfg = load_config(config, work_dir, cfg_options)
         setup_distributed(cfg, launcher)
-        check_checkpoint(cfg, checkpoint, strict=strict, command='test')
+        check_checkpoint(cfg, checkpoint, strict=strict)
         cfg.load_from = checkpoint
         cfg.resume = False
         runner = build_runner(add_project_hooks(cfg), strict=strict)
@@ -349,7 +348,6 @@ def check_checkpoint(
     path: str,
     resume: bool = False,
     strict: bool = True,
-    command: str | None = None,
 ) -> None:
     """Checks, before the Runner is built, that ``path`` fits ``cfg``.
 
@@ -369,10 +367,6 @@ def check_checkpoint(
             with the epoch and iteration). Defaults to False.
         strict (bool): Whether the keys must fit; if not, only the file
             itself is checked. Defaults to True.
-        command (str, optional): What loads it: ``'test'``,
-            ``'load_from'`` or ``'resume'`` (implies ``resume``), for the
-            message. Defaults to ``'resume'`` if ``resume``, else
-            ``'test'``.
 
     Raises:
         OSError: If the file is missing or a folder.
@@ -383,8 +377,6 @@ def check_checkpoint(
         KeyMismatchError: If ``strict`` and its keys or shapes do not fit
             ``cfg.model``; the message says what the file seems to hold.
     """
-    command = command or ('resume' if resume else 'test')
-    resume = resume or command == 'resume'
     checkpoint = read_checkpoint(path)
     state_dict = state_dict_of(checkpoint, path)
     meta = checkpoint.get('meta')
@@ -432,7 +424,9 @@ def _advice(cfg: Config, path: str, meta) -> LoadAdvice:
     return LoadAdvice(
         source=path,
         pretrained=pretrained,
-        deploy=f'add --cfg-options {" ".join(options)}',
+        deploy=f'add --cfg-options {" ".join(options)}'
+        if options
+        else 'load it with the X-volution config it was trained with',
         whole_model=True,
     )
 
