@@ -172,7 +172,7 @@ def analyse(model: nn.Module, inputs: tuple) -> dict:
     analyzer.set_op_handle('aten::scaled_dot_product_attention', sdpa_flops)
     analyzer.set_op_handle('aten::baddbmm', baddbmm_flops)
     analyzer.set_op_handle(
-        'prim::PythonOp._PatchAggregation', patch_aggregation_flops
+        'mmacmix::patch_aggregation', patch_aggregation_flops
     )
     for name in (*FREE_OPS, 'prim::PythonOp._SharedProjection'):
         analyzer.set_op_handle(name, _free)

@@ -18,11 +18,12 @@ one weight per window position for each group of channels (channel ``c``
 uses group ``c % (C / 32)``, 8 channels a group); the values of the
 (reflection-padded) window are summed with these weights as they are, with
 no softmax. That is a different function from the softmax attention of
-:func:`mmacmix.ops.local_attention`, so the fast op cannot compute it; the
-weighted sum runs as :func:`patch_aggregation`, which walks over the window
-offsets of a padded map and never stores ``k^2`` copies of the values. The
-patch of keys fed to the weight network is gathered explicitly: it is that
-network's input, ``k^2`` maps of ``C / 16`` channels.
+:func:`mmacmix.ops.local_attention`, so that op cannot compute it; the
+weighted sum runs as :func:`mmacmix.ops.patch_aggregation` (Triton kernels
+on CUDA), which never stores ``k^2`` copies of the values. The patch of
+keys fed to the weight network is gathered explicitly
+(:func:`gather_patches`, two gathers): it is that network's input, ``k^2``
+maps of ``C / 16`` channels.
 
 How ACmix enters SAN is not published; only the parameters and FLOPs of
 ACmix-SAN-10/15/19 are (12.1M / 1.9G, 16.6M / 2.7G, 21.2M / 3.4G, with the
@@ -56,10 +57,9 @@ import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, Sequential
 from torch import Tensor, nn
-from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 
 from mmacmix.ops.local_attention import fold_index
+from mmacmix.ops.patch_aggregation import patch_aggregation
 from mmacmix.registry import MODELS
 
 from .acmix import ACmixBase, pointwise
@@ -77,34 +77,12 @@ NUM_STAGES = 4
 STEM_CHANNELS = 64
 
 
-def _reflection_indices(size: int, padding: int, device) -> Tensor:
-    """Source position of every position of an axis padded by reflection
-    (folded periodically, so ``padding`` may exceed the axis)."""
-    positions = torch.arange(size + 2 * padding, device=device) - padding
-    return fold_index(positions, size)
-
-
-def reflection_pad(x: Tensor, padding: int) -> Tensor:
-    """Pads the last two axes of ``x`` by reflection without edge repeat.
-
-    Equals ``F.pad(x, [padding] * 4, mode='reflect')`` when ``padding`` is
-    smaller than both sides, and is defined for any size.
-    """
-    rows = _reflection_indices(x.shape[-2], padding, x.device)
-    cols = _reflection_indices(x.shape[-1], padding, x.device)
-    return x.index_select(-2, rows).index_select(-1, cols)
-
-
-def _windows(padded: Tensor, kernel_size: int, height: int, width: int):
-    """Yields ``(t, view)`` for window offset ``t = ty * k + tx``: the
-    ``height x width`` view of ``padded`` shifted by ``(ty, tx)``."""
-    for t in range(kernel_size**2):
-        ty, tx = divmod(t, kernel_size)
-        yield t, padded[..., ty : ty + height, tx : tx + width]
-
-
 def gather_patches(x: Tensor, kernel_size: int) -> Tensor:
     """The ``k x k`` reflection-padded patch around every pixel.
+
+    Two gathers and one copy, whatever ``k``: the rows of every window row
+    ``ty`` are gathered at once (``k * H`` rows), then the columns (``k *
+    W``), and the window axes are moved before the map's.
 
     Args:
         x (Tensor): ``(B, C, H, W)``.
@@ -114,109 +92,23 @@ def gather_patches(x: Tensor, kernel_size: int) -> Tensor:
         Tensor: ``(B, C * k^2, H, W)``, channel ``c * k^2 + t`` holding
         ``x[:, c]`` at offset ``t = ty * k + tx`` (``nn.Unfold``'s order).
     """
-    height, width = x.shape[-2:]
-    padded = reflection_pad(x, kernel_size // 2)
-    patches = [
-        view for _, view in _windows(padded, kernel_size, height, width)
-    ]
-    return torch.stack(patches, dim=2).flatten(1, 2)
-
-
-def _aggregate(values: Tensor, weights: Tensor, kernel_size: int) -> Tensor:
-    """:func:`patch_aggregation` from plain operators (no autograd).
-
-    ``values`` is viewed as ``(B, S, G, H, W)``, so that channel ``s * G +
-    g`` uses the weights of group ``g``.
-    """
-    b, _, height, width = values.shape
-    groups = weights.shape[1]
-    padded = reflection_pad(values, kernel_size // 2).unflatten(
-        1, (-1, groups)
+    b, channels, height, width = x.shape
+    taps = torch.arange(kernel_size, device=x.device)[:, None]
+    rows = fold_index(
+        taps + torch.arange(height, device=x.device) - kernel_size // 2,
+        height,
     )
-    out = values.new_zeros(b, padded.shape[1], groups, height, width)
-    for t, window in _windows(padded, kernel_size, height, width):
-        out.addcmul_(window, weights[:, None, :, t])
-    return out.flatten(1, 2)
-
-
-class _PatchAggregation(Function):
-    """The aggregation with a backward pass that keeps only its inputs."""
-
-    @staticmethod
-    def forward(ctx, values: Tensor, weights: Tensor, kernel_size: int):
-        ctx.save_for_backward(values, weights)
-        ctx.kernel_size = kernel_size
-        return _aggregate(values, weights, kernel_size)
-
-    @staticmethod
-    @once_differentiable  # double backward raises instead of returning 0
-    def backward(ctx, grad_out: Tensor):
-        values, weights = ctx.saved_tensors
-        kernel_size, padding = ctx.kernel_size, ctx.kernel_size // 2
-        b, channels, height, width = values.shape
-        groups = weights.shape[1]
-        rows = _reflection_indices(height, padding, values.device)
-        cols = _reflection_indices(width, padding, values.device)
-        padded = values.index_select(2, rows).index_select(3, cols)
-        padded = padded.unflatten(1, (-1, groups))
-        grad_out = grad_out.contiguous().unflatten(1, (-1, groups))
-        grad_padded = torch.zeros_like(padded)
-        grad_weights = torch.empty_like(weights)
-        product = torch.empty_like(grad_out)
-        windows = zip(
-            _windows(padded, kernel_size, height, width),
-            _windows(grad_padded, kernel_size, height, width),
-        )
-        for (t, window), (_, grad_window) in windows:
-            torch.mul(grad_out, window, out=product)
-            grad_weights[:, :, t] = product.sum(dim=1)
-            grad_window.addcmul_(grad_out, weights[:, None, :, t])
-        # Every padded position adds onto the position it was copied from.
-        grad_padded = grad_padded.flatten(1, 2)
-        by_rows = grad_padded.new_zeros(b, channels, height, cols.numel())
-        by_rows.index_add_(2, rows, grad_padded)
-        grad_values = by_rows.new_zeros(b, channels, height, width)
-        grad_values.index_add_(3, cols, by_rows)
-        return grad_values, grad_weights, None
-
-
-def patch_aggregation(
-    values: Tensor, weights: Tensor, kernel_size: int
-) -> Tensor:
-    """SAN's aggregation: a per-pixel weighted sum over a ``k x k`` window.
-
-    ``out[:, c, i, j] = sum_t weights[:, c % G, t, i, j] * v_t`` where
-    ``v_t`` is ``values[:, c]`` at ``(i + ty - p, j + tx - p)``,
-    ``t = ty * k + tx``, ``p = k // 2``, reflected at the borders (folded
-    periodically for maps smaller than the window). No normalisation.
-
-    Args:
-        values (Tensor): ``(B, C, H, W)``.
-        weights (Tensor): ``(B, G, k^2, H, W)``; ``G`` divides ``C``.
-        kernel_size (int): Odd window side ``k``.
-
-    Returns:
-        Tensor: ``(B, C, H, W)`` in the dtype of ``values``; float16 and
-        bfloat16 inputs are summed in float32.
-    """
-    b, channels, height, width = values.shape
-    groups = weights.shape[1]
-    if weights.shape != (b, groups, kernel_size**2, height, width) or (
-        channels % groups
-    ):
-        raise ValueError(
-            f'weights of shape (B, G, {kernel_size**2}, H, W) with G '
-            f'dividing the {channels} channels of values '
-            f'{tuple(values.shape)} expected, got {tuple(weights.shape)}'
-        )
-    dtype = values.dtype
-    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    values, weights = values.to(work), weights.to(work)
-    if torch.onnx.is_in_onnx_export():
-        out = _aggregate(values, weights, kernel_size)
-    else:
-        out = _PatchAggregation.apply(values, weights, kernel_size)
-    return out.to(dtype)
+    cols = fold_index(
+        taps + torch.arange(width, device=x.device) - kernel_size // 2,
+        width,
+    )
+    patches = x.index_select(2, rows.flatten()).index_select(3, cols.flatten())
+    patches = patches.view(
+        b, channels, kernel_size, height, kernel_size, width
+    )
+    return patches.permute(0, 1, 2, 4, 3, 5).reshape(
+        b, channels * kernel_size**2, height, width
+    )
 
 
 class PatchwiseSelfAttention(BaseModule):
