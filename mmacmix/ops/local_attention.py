@@ -296,7 +296,13 @@ def _forward_op(
 ) -> tuple[Tensor, Tensor]:
     """Output ``(N, D, Ho, Wo)`` in q's dtype and the log-sum-exp ``(N, Ho,
     Wo)`` of the logits, in float32 (float64 for float64 inputs)."""
-    out, lse = _FORWARD[_resolve(impl, q.device)](q, k, v, kernel_size, stride)
+    resolved = _resolve(impl, q.device)
+    if impl == 'auto' and resolved == 'pytorch' and q.device.type == 'cpu':
+        # Warned here, at dispatch, not in the caller: the op's body runs
+        # eagerly even under torch.compile, which would otherwise have to
+        # trace the module-level flag and break the graph.
+        _warn_fallback_once()
+    out, lse = _FORWARD[resolved](q, k, v, kernel_size, stride)
     return out.to(q.dtype), lse
 
 
@@ -396,7 +402,7 @@ def _warn_fallback_once() -> None:
         'PyTorch loop. Reinstall mmacmix with torch importable and a C++ '
         'compiler present (pip install --no-build-isolation ...) to '
         'build it.',
-        stacklevel=3,
+        stacklevel=2,
     )
 
 
@@ -453,7 +459,5 @@ def local_attention(
             q.to(work), k.to(work), v.to(work), kernel_size, stride
         )
         return out.to(q.dtype)
-    if impl == 'auto' and q.device.type == 'cpu' and _ext is None:
-        _warn_fallback_once()
     out, _ = _forward_op(q, k, v, kernel_size, stride, impl)
     return out
