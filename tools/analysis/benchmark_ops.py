@@ -49,6 +49,15 @@ forms. X-volution (SA) runs where the map has at most
 ``SA_MAX_TOKENS_CPU`` positions on CPU (its attention is quadratic in
 them), everywhere on CUDA.
 
+``--tables san-aggregation`` times SAN's patch aggregation (ACmix-SAN's
+attention path, :func:`mmacmix.ops.patch_aggregation`) at the widths of
+ACmix-SAN's attention (a quarter of the stage width: 64 to 512 channels, 8
+channels a group, 7 x 7 windows) against the 3x3 convolution of the same
+width, forward + backward in turns (see :func:`san_aggregation_row`): the
+op as dispatched (Triton kernels on CUDA, the PyTorch loop on CPU) and, on
+CUDA, the PyTorch loop that SAN ran before. ``--autocast`` gives the dtype
+of its tensors (a custom op is not cast by autocast).
+
 ``--backbone`` adds whole backbones (1 x 3 x 512 x 512 on CPU,
 2 x 3 x 800 x 1216 on CUDA): ACmix-ResNet-50 (fast and reference) against
 a plain ResNet-50 on the same code, ACmix-Swin-T against torchvision's
@@ -115,7 +124,12 @@ from mmacmix.models import (
 from mmacmix.models import acmix as acmix_module
 from mmacmix.models.acmix_pvt import ACmixSRAttention
 from mmacmix.models.resnet import Bottleneck, PluggableResNet
-from mmacmix.ops import local_attention, native, triton_available
+from mmacmix.ops import (
+    local_attention,
+    native,
+    patch_aggregation,
+    triton_available,
+)
 
 # Stage sizes (channels, height, width) of an 800 x 1216 input: strides 4,
 # 8, 16, 32; the batch comes from --batch.
@@ -155,6 +169,7 @@ TABLES = {
     # Filled in by main(): the conv and the attention on each instruction
     # set the kernel can run.
     'isas': (),
+    'san-aggregation': ('conv', 'aggregation', 'aggregation-loop'),
 }
 TABLE_STAGES = {'pvt-conv-path': PVT_STAGES}
 
@@ -765,6 +780,98 @@ def print_xvolution_table(rows: list[dict]) -> None:
             print('-+-'.join('-' * w for w in widths))
 
 
+def san_aggregation_row(
+    shape: tuple[int, ...], args: argparse.Namespace
+) -> dict:
+    """Times SAN's patch aggregation against a 3x3 conv at one shape.
+
+    ``shape`` is ``(B, C, H, W)`` of the values; the weights are ``(B, C /
+    8, 49, H, W)``. All columns are forward + backward (gradients of the
+    conv's input and weight, of the values and weights), timed in turns,
+    in the dtype ``--autocast`` names (float32 for none). On CUDA the peak
+    extra memory of one pass is measured in this process.
+    """
+    dtype = AUTOCAST[args.autocast] or torch.float32
+    device, kernel_size = args.device, 7
+    b, channels, h, w = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    conv = conv.to(device, dtype)
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    weights = torch.randn(
+        b, channels // 8, kernel_size**2, h, w, device=device, dtype=dtype
+    ).requires_grad_()
+
+    def aggregate(impl: str) -> Tensor:
+        x.grad = weights.grad = None
+        out = patch_aggregation(x, weights, kernel_size, impl=impl)
+        out.sum().backward()
+        return out.detach()
+
+    def convolve() -> Tensor:
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+        out = conv(x)
+        out.sum().backward()
+        return out.detach()
+
+    passes = {'conv': convolve, 'aggregation': lambda: aggregate('auto')}
+    if device == 'cuda':  # on the CPU 'auto' is the loop itself
+        passes['aggregation-loop'] = lambda: aggregate('pytorch')
+    times = time_in_turns(passes, device, args.repeats, args.warmup)
+    row: dict = {'shape': 'x'.join(map(str, shape)), 'dtype': str(dtype)}
+    for case, run in passes.items():
+        mib = None
+        if device == 'cuda':
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            run()
+            torch.cuda.synchronize()
+            mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+        row[case] = {'seconds': times[case], 'mib': mib}
+        print(f'  {row["shape"]} {case}: {times[case] * 1e3:.2f} ms')
+    if 'aggregation-loop' in passes:
+        fast = aggregate('auto').float()
+        row['max_abs_diff'] = (
+            (fast - aggregate('pytorch').float()).abs().max().item()
+        )
+    return row
+
+
+def print_san_aggregation_table(rows: list[dict]) -> None:
+    """Prints the aggregation's times (ms), memory (MiB) and ratios."""
+    cases = [c for c in TABLES['san-aggregation'] if c in rows[0]]
+    header = [
+        'shape',
+        *(f'{case} ms' for case in cases),
+        *(f'{case}/conv' for case in cases[1:]),
+        *(f'{case} MiB' for case in cases),
+        *(['max|diff|'] if 'max_abs_diff' in rows[0] else []),
+    ]
+    table = [header]
+    for row in rows:
+        t = [row[case]['seconds'] for case in cases]
+        table.append(
+            [
+                row['shape'],
+                *(f'{seconds * 1e3:.2f}' for seconds in t),
+                *(ratio(seconds, t[0]) for seconds in t[1:]),
+                *(mib(row[case]['mib']) for case in cases),
+                *(
+                    [f'{row["max_abs_diff"]:.1e}']
+                    if 'max_abs_diff' in row
+                    else []
+                ),
+            ]
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for index, line in enumerate(table):
+        print(' | '.join(cell.rjust(w) for cell, w in zip(line, widths)))
+        if index == 0:
+            print('-+-'.join('-' * w for w in widths))
+
+
 AUTOCAST = {'none': None, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
@@ -884,6 +991,10 @@ def main(argv: list[str] | None = None) -> None:
             print_xvolution_table([xvolution_row(s, args) for s in shapes])
         elif name == 'isas':
             print_isa_table([isa_row(s, args) for s in shapes])
+        elif name == 'san-aggregation':
+            print_san_aggregation_table(
+                [san_aggregation_row(s, args) for s in shapes]
+            )
         else:
             table_shapes = shapes
             if name in TABLE_STAGES:
