@@ -37,6 +37,10 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
+# Sizes Triton would specialise when equal to 1 or divisible by 16: the
+# kernels take them as plain integers, so that such maps (and one group)
+# run the kernels every other map runs.
+_SIZES = ['G', 'H', 'W']
 
 
 @triton.jit
@@ -64,7 +68,7 @@ def _widen(x, FP64: tl.constexpr):
     return y
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _forward_kernel(
     values_ptr,
     weights_ptr,
@@ -122,7 +126,7 @@ def _forward_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _backward_kernel(
     grad_out_ptr,
     values_ptr,
