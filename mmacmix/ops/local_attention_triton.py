@@ -238,6 +238,21 @@ def _output_tile(
     return i, j, (i < HO) & (j < WO), d, at, sample
 
 
+@triton.jit
+def _window_sources(k_ptr, v_ptr, D, H, W, d):
+    """Keys and values of this program's sample (a 64-bit start) and the
+    32-bit offsets of the channel planes ``d`` inside it."""
+    sample = tl.program_id(0).to(tl.int64) * D * H * W
+    return k_ptr + sample, v_ptr + sample, d * (H * W)
+
+
+@triton.jit
+def _window_start(i, j, H, W, KERNEL: tl.constexpr, STRIDE: tl.constexpr):
+    """Folded row and column of the window's first offset, per pixel."""
+    row = _fold_start(STRIDE * i - KERNEL // 2, H)
+    return row, _fold_start(STRIDE * j - KERNEL // 2, W)
+
+
 @triton.jit(do_not_specialize=_SIZES)
 def _forward_kernel(
     q_ptr,
@@ -263,15 +278,11 @@ def _forward_kernel(
     )
     mask = (d < D) & _on_pixels(pixels, CH)
     q = _widen(tl.load(q_ptr + sample + at, mask=mask, other=0.0), FP64)
-    # Keys and values: a 64-bit start per sample, 32-bit offsets inside.
-    keys = k_ptr + tl.program_id(0).to(tl.int64) * D * H * W
-    values = v_ptr + tl.program_id(0).to(tl.int64) * D * H * W
-    planes = d * (H * W)
+    keys, values, planes = _window_sources(k_ptr, v_ptr, D, H, W, d)
+    u_y, col_start = _window_start(i, j, H, W, KERNEL, STRIDE)
     peak = tl.sum(q, axis=CH) * 0.0 - float('inf')
     total = tl.sum(q, axis=CH) * 0.0
     acc = q * 0.0
-    col_start = _fold_start(STRIDE * j - KERNEL // 2, W)
-    u_y = _fold_start(STRIDE * i - KERNEL // 2, H)
     for _ in range(KERNEL):
         row = _reflect(u_y, H) * W  # once per window row
         u_x = col_start
@@ -330,14 +341,11 @@ def _backward_q_kernel(
         tl.load(grad_out_ptr + sample + at, mask=mask, other=0.0), FP64
     )
     lse = tl.load(lse_ptr + at_pixel, mask=pixels, other=0.0)
-    keys = k_ptr + tl.program_id(0).to(tl.int64) * D * H * W
-    values = v_ptr + tl.program_id(0).to(tl.int64) * D * H * W
-    planes = d * (H * W)
+    keys, values, planes = _window_sources(k_ptr, v_ptr, D, H, W, d)
+    u_y, col_start = _window_start(i, j, H, W, KERNEL, STRIDE)
     delta = lse * 0.0
     weighted_keys = q * 0.0  # sum_t p_t dp_t k_t
     mean_key = q * 0.0  # sum_t p_t k_t
-    col_start = _fold_start(STRIDE * j - KERNEL // 2, W)
-    u_y = _fold_start(STRIDE * i - KERNEL // 2, H)
     for _ in range(KERNEL):
         row = _reflect(u_y, H) * W  # once per window row
         u_x = col_start

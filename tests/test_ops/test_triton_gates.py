@@ -187,21 +187,17 @@ $L__BB0_2:
 """
 
 
+def handmade(**fields) -> Compiled:
+    """A `Compiled` within every budget, but for ``fields``."""
+    base = dict(name='k', specialisation='fp32', num_warps=1, registers=0)
+    base.update(stack=0, spill_stores=0, spill_loads=0, shared=0)
+    base.update(ptx='.target sm_90a\n' + LOOP_PTX, ttgir='', cubin=b'x')
+    return Compiled(**{**base, **fields})
+
+
 def test_division_counts_find_loops():
     # Integer div/rem only (not float division), and the one in the loop.
-    compiled = Compiled(
-        name='k',
-        specialisation='',
-        num_warps=1,
-        registers=0,
-        stack=0,
-        spill_stores=0,
-        spill_loads=0,
-        shared=0,
-        ptx=LOOP_PTX,
-        ttgir='',
-        cubin=b'',
-    )
+    compiled = handmade()
     assert compiled.atomics() == ['atom.global.gpu.relaxed.add.f32']
     assert compiled.div_rem() == 3
     assert compiled.div_rem_in_loops() == 1
@@ -225,17 +221,16 @@ def test_gates_see_a_division_inside_a_loop():
 
 
 def test_budget_violations_name_each_problem():
-    compiled = Compiled(
-        name='k',
-        specialisation='fp32',
-        num_warps=4,
+    assert (
+        budget_violations(handmade(), registers=168, div_rem_in_loops=1) == []
+    )
+    compiled = handmade(
         registers=200,
         stack=16,
         spill_stores=8,
         spill_loads=4,
         shared=512,
         ptx='.target sm_80\n' + LOOP_PTX,
-        ttgir='',
         cubin=b'',
     )
     assert budget_violations(compiled, registers=168) == [
