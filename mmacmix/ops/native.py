@@ -10,6 +10,7 @@ an AVX-512 machine.  :func:`set_cpu_isa` changes it later in a process.
 """
 
 import os
+import warnings
 
 CPU_ISA_ENV = 'MMACMIX_CPU_ISA'
 
@@ -20,6 +21,31 @@ except ImportError as error:  # built without the extension
     IMPORT_ERROR: ImportError | None = error
 else:
     IMPORT_ERROR = None
+
+
+_warned_ops: set[str] = set()
+
+
+def warn_fallback_once(op: str) -> None:
+    """Warns, once per op and process, that ``op`` runs in PyTorch because
+    the compiled kernels are missing.
+
+    Call it only from code that runs eagerly (an op's body), never from
+    code that ``torch.compile`` traces, which must not hold a warning.
+
+    Args:
+        op (str): The op's name, as the message says it.
+    """
+    if op in _warned_ops:
+        return
+    _warned_ops.add(op)
+    warnings.warn(
+        'mmacmix was installed without its compiled extension '
+        f'({IMPORT_ERROR}); {op} falls back to a slower PyTorch path. '
+        'Reinstall mmacmix with torch importable and a C++ compiler present '
+        '(pip install --no-build-isolation ...) to build it.',
+        stacklevel=3,
+    )
 
 
 def cpu_isa() -> str | None:

@@ -27,12 +27,11 @@ recompute them there. While traced for ONNX the whole map's products are
 formed with plain operators, so one exported graph serves any input size.
 """
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .native import IMPORT_ERROR as _EXT_ERROR
 from .native import ext as native_ops
 
@@ -52,7 +51,8 @@ BLOCK_BYTES = 2**19
 # 4 MiB of float32.
 BLOCK_ELEMENTS = 2**20
 _NATIVE_DTYPES = (torch.float32, torch.float64)
-_warned_fallback = False
+# The op's name in the warning that the compiled kernel is missing.
+OP_NAME = 'X-volution PSSA'
 
 
 def _tap_window(
@@ -240,25 +240,6 @@ def _resolve(impl: str, x: Tensor) -> str:
     return impl
 
 
-def _warn_fallback_once() -> None:
-    """Warns once that the PyTorch path replaces a missing kernel.
-
-    Called only from code that runs eagerly (the operator's body, the
-    no-grad path), never from code that ``torch.compile`` traces.
-    """
-    global _warned_fallback
-    if _warned_fallback:
-        return
-    _warned_fallback = True
-    warnings.warn(
-        'mmacmix was installed without its compiled extension '
-        f'({_EXT_ERROR}); X-volution PSSA falls back to a slower PyTorch '
-        'path. Reinstall mmacmix with torch importable and a C++ compiler '
-        'present (pip install --no-build-isolation ...) to build it.',
-        stacklevel=3,
-    )
-
-
 def _native_forward(
     x: Tensor, weight: Tensor, distance: int, stride: int, base: Tensor | None
 ) -> Tensor:
@@ -372,7 +353,9 @@ def _weighted_rows(
     if resolved == 'native':
         return _native_forward(x, weight, distance, stride, base)
     if impl == 'auto' and native_ops is None and x.device.type == 'cpu':
-        _warn_fallback_once()
+        # Here, in code that runs eagerly (the op's body or the no-grad
+        # path), not where torch.compile traces.
+        native.warn_fallback_once(OP_NAME)
     return _pytorch_forward(x, weight, distance, stride, base)
 
 

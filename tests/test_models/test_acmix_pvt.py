@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mmdet.models.backbones.pvt import PyramidVisionTransformer, pvt_convert
+from model_helpers import randomise
 from torch import nn
 
 from mmacmix.analysis import analyse, official_form
@@ -105,22 +106,6 @@ def convert(*args: Path) -> None:
     """Runs the converter's command line in this process (a subprocess
     would spend seconds importing torch)."""
     runpy.run_path(str(CONVERTER))['main']([str(a) for a in args])
-
-
-def randomise(model: nn.Module) -> nn.Module:
-    """Distinct random values everywhere: no one-hot kernel, no unit norm,
-    rates away from 0.5."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith(('rate1', 'rate2')):
-                param.copy_(0.3 + 0.6 * torch.rand(1, generator=generator))
-            elif 'norm' in name and name.endswith('weight'):
-                param.copy_(1 + 0.2 * noise)
-            else:
-                param.copy_(0.2 * noise)
-    return model
 
 
 @pytest.fixture(scope='module')

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from model_helpers import randomise
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -68,10 +69,9 @@ class Spec:
             as well (the small build's blocks or windows differ). Defaults
             to None.
         init: How the gradient test starts: ``'init_weights'`` (the
-            model's own initialisation) or ``'random'`` (:func:`randomise`,
-            for the transformers, whose zero-initialised tables and
-            identical heads would hide a channel mix-up). Defaults to
-            ``'init_weights'``.
+            model's own initialisation) or ``'random'`` (``randomise``:
+            distinct values, no one-hot kernel or unit norm, so that a
+            permuted channel would show). Defaults to ``'init_weights'``.
     """
 
     kwargs: dict
@@ -154,22 +154,6 @@ def build(name: str, full: bool = False, **kwargs) -> nn.Module:
 SHAPE_CASES = [(name, False) for name in NAMES] + [
     (name, True) for name in NAMES if SPECS[name].full is not None
 ]
-
-
-def randomise(model: nn.Module) -> nn.Module:
-    """Distinct random values everywhere: no one-hot kernel, no unit norm,
-    no zeroed residual end, rates away from 0.5."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith(('rate1', 'rate2')):
-                param.copy_(0.3 + 0.6 * torch.rand(1, generator=generator))
-            elif 'norm' in name and name.endswith('weight'):
-                param.copy_(1 + 0.2 * noise)
-            else:
-                param.copy_(0.2 * noise)
-    return model
 
 
 def inside(name: str, modules: list[str]) -> bool:

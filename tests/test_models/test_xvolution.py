@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mmcv.cnn import build_conv_layer
 from mmengine.registry import DefaultScope
 from mmengine.runner.checkpoint import load_state_dict
-from xvolution_helpers import (
+from model_helpers import (
     DEPLOY_KEYS,
     TRAINING_KEYS,
     eval_norm,

@@ -5,7 +5,7 @@ test_backbone_contract.py."""
 
 import pytest
 import torch
-from xvolution_helpers import calibrate, torchvision_resnet
+from model_helpers import calibrate, torchvision_resnet
 
 from mmacmix.models import (
     XVolution,

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from mmacmix.ops import native as native_module
 from mmacmix.ops import pixel_shift as pixel_shift_module
 from mmacmix.ops.pixel_shift import pixel_shift_attention, shift_products
 
@@ -158,7 +159,7 @@ def test_compiles_with_fullgraph_and_warns_once_without_the_kernel(
         pytest.skip('mmacmix was built without its compiled kernels')
     if not native:
         monkeypatch.setattr(pixel_shift_module, 'native_ops', None)
-    monkeypatch.setattr(pixel_shift_module, '_warned_fallback', False)
+    monkeypatch.setattr(native_module, '_warned_ops', set())
     torch._dynamo.reset()
 
     def branch(x, weight, base):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
-from xvolution_helpers import calibrate, torchvision_resnet
+from model_helpers import calibrate, torchvision_resnet
 
 from mmacmix.deploy import deploy_options, reparameterize
 from mmacmix.models import XVolutionResNet

@@ -1,15 +1,34 @@
-"""X-volution test helpers: written-out references, norms with real
-statistics, small ops and torchvision-style ResNets.
+"""Model test helpers: distinct random weights for any backbone, and for
+X-volution written-out references, norms with real statistics, small ops
+and torchvision-style ResNets.
 
-Shared by tests/test_models (the op, the backbone, the converter) and
-tests/test_tools (the converter CLI, the reparameterize tool); pytest puts
-this folder on ``sys.path`` (it holds the root conftest.py).
+Shared by tests/test_models (the backbone contract, the X-volution op, the
+backbones, the converters) and tests/test_tools (the converter CLI, the
+reparameterize tool); pytest puts this folder on ``sys.path`` (it holds the
+root conftest.py).
 """
 
 import torch
 import torch.nn.functional as F
 
 from mmacmix.models import XVolution, XVolutionResNet
+
+
+def randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Distinct random values everywhere: no one-hot kernel, no unit norm,
+    no zeroed residual end, rates away from 0.5."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith(('rate1', 'rate2')):
+                param.copy_(0.3 + 0.6 * torch.rand(1, generator=generator))
+            elif 'norm' in name and name.endswith('weight'):
+                param.copy_(1 + 0.2 * noise)
+            else:
+                param.copy_(0.2 * noise)
+    return model
+
 
 TRAINING_KEYS = {
     'conv.weight',
