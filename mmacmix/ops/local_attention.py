@@ -27,12 +27,12 @@ serves any input size.
 """
 
 import functools
-import warnings
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from . import native
 from .native import IMPORT_ERROR as _EXT_ERROR
 from .native import ext as _ext
 
@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 IMPLS = ('auto', 'native', 'triton', 'pytorch')
-_warned_fallback = False
 
 
 def native_available() -> bool:
@@ -301,7 +300,7 @@ def _forward_op(
         # Warned here, at dispatch, not in the caller: the op's body runs
         # eagerly even under torch.compile, which would otherwise have to
         # trace the module-level flag and break the graph.
-        _warn_fallback_once()
+        native.warn_fallback_once('local attention')
     out, lse = _FORWARD[resolved](q, k, v, kernel_size, stride)
     return out.to(q.dtype), lse
 
@@ -389,21 +388,6 @@ def _check(
     for x in (q, k, v):
         if not x.is_floating_point():
             raise TypeError(f'floating-point inputs expected, got {x.dtype}')
-
-
-def _warn_fallback_once() -> None:
-    global _warned_fallback
-    if _warned_fallback:
-        return
-    _warned_fallback = True
-    warnings.warn(
-        'mmacmix was installed without its compiled extension '
-        f'({_EXT_ERROR}); local attention falls back to a much slower '
-        'PyTorch loop. Reinstall mmacmix with torch importable and a C++ '
-        'compiler present (pip install --no-build-isolation ...) to '
-        'build it.',
-        stacklevel=2,
-    )
 
 
 def local_attention(
