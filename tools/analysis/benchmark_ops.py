@@ -507,7 +507,9 @@ def run_shape(
     for case, (seconds, _) in timed.items():
         row[case] = {
             'seconds': seconds,
-            'mib': measure_memory(case, shape, args),
+            'mib': None
+            if args.no_memory
+            else measure_memory(case, shape, args),
         }
         print(f'  {row["shape"]} {case}: {seconds * 1e3:.1f} ms', flush=True)
     if len(cases) == 3:
@@ -929,6 +931,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='instruction set of the compiled local attention (default: '
         'MMACMIX_CPU_ISA, else the widest the CPU supports)',
     )
+    parser.add_argument(
+        '--no-reference',
+        action='store_true',
+        help='skip the unfold (official) forms, the slowest cases',
+    )
+    parser.add_argument(
+        '--no-memory',
+        action='store_true',
+        help='skip the memory measurements (a child process per case)',
+    )
     parser.add_argument('--child-memory', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     on_cuda = args.device == 'cuda'
@@ -999,11 +1011,16 @@ def main(argv: list[str] | None = None) -> None:
             table_shapes = shapes
             if name in TABLE_STAGES:
                 table_shapes = [(args.batch, *s) for s in TABLE_STAGES[name]]
-            rows = [run_shape(s, TABLES[name], args) for s in table_shapes]
-            print_table(rows, TABLES[name])
+            cases = TABLES[name]
+            if args.no_reference:
+                cases = cases[:2]
+            rows = [run_shape(s, cases, args) for s in table_shapes]
+            print_table(rows, cases)
         print()
     for name in args.backbone or []:
         cases = BACKBONE_TABLES[name]
+        if args.no_reference:
+            cases = cases[:2]
         rows = [run_shape(BACKBONE_SHAPES[args.device], cases, args)]
         print()
         print_table(rows, cases)
