@@ -113,6 +113,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmacmix.demo.pipeline import cpu_name
 from mmacmix.models import (
     ACmix,
     ACmixPVT,
@@ -528,6 +529,17 @@ def mib(value: float | None) -> str:
     return 'n/a' if value is None else f'{value:.0f}'
 
 
+def print_rows(table: list[list[str]]) -> None:
+    """Prints a header line and rows of cells, right-aligned in columns."""
+    widths = [
+        max(len(line[i]) for line in table) for i in range(len(table[0]))
+    ]
+    for index, line in enumerate(table):
+        print(' | '.join(cell.rjust(w) for cell, w in zip(line, widths)))
+        if index == 0:
+            print('-+-'.join('-' * w for w in widths))
+
+
 def print_table(rows: list[dict], cases: tuple[str, ...]) -> None:
     """Prints times (ms), memory (MiB) and ratios, one row per shape.
 
@@ -560,11 +572,7 @@ def print_table(rows: list[dict], cases: tuple[str, ...]) -> None:
                 *([f'{row["max_abs_diff"]:.1e}'] if reference else []),
             ]
         )
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for index, line in enumerate(table):
-        print(' | '.join(cell.rjust(w) for cell, w in zip(line, widths)))
-        if index == 0:
-            print('-+-'.join('-' * w for w in widths))
+    print_rows(table)
 
 
 def time_in_turns(
@@ -691,25 +699,7 @@ def print_isa_table(rows: list[dict]) -> None:
                 *(ratio(t[case], t[cases[0]]) for case in cases[1:]),
             ]
         )
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for index, line in enumerate(table):
-        print(' | '.join(cell.rjust(w) for cell, w in zip(line, widths)))
-        if index == 0:
-            print('-+-'.join('-' * w for w in widths))
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the platform's."""
-    try:
-        with open('/proc/cpuinfo') as info:
-            for line in info:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    print_rows(table)
 
 
 def machine_line(device: str) -> str:
@@ -724,7 +714,7 @@ def machine_line(device: str) -> str:
             if isa
             else 'compiled kernel missing (PyTorch loop)'
         )
-        where = cpu_model()
+        where = cpu_name()
     restricted = ', '.join(
         f'{name}={os.environ[name]}'
         for name in ('ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS')
@@ -775,11 +765,7 @@ def print_xvolution_table(rows: list[dict]) -> None:
                 f'{row["max_abs_diff"]:.1e}',
             ]
         )
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for index, line in enumerate(table):
-        print(' | '.join(cell.rjust(w) for cell, w in zip(line, widths)))
-        if index == 0:
-            print('-+-'.join('-' * w for w in widths))
+    print_rows(table)
 
 
 def san_aggregation_row(
@@ -867,11 +853,7 @@ def print_san_aggregation_table(rows: list[dict]) -> None:
                 ),
             ]
         )
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for index, line in enumerate(table):
-        print(' | '.join(cell.rjust(w) for cell, w in zip(line, widths)))
-        if index == 0:
-            print('-+-'.join('-' * w for w in widths))
+    print_rows(table)
 
 
 AUTOCAST = {'none': None, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
