@@ -1,92 +1,92 @@
 #!/usr/bin/env bash
-# The GPU checks in one run: the CUDA tests, then the CUDA benchmark tables
-# (the ACmix op in float32 and under float16 autocast, X-volution, whole
-# backbones) and the scaled_dot_product_attention backends that ACmix-Swin's
-# window attention can use. Each part's output goes to its own file in OUT_DIR.
+# The GPU check in at most two calls of the device tool, each one process
+# (tools/analysis/cuda_check.py) that stops itself within its time budget:
 #
-#   bash tools/analysis/cuda_check.sh [OUT_DIR]    (default: $OUT, else
-#                                                   work_dirs/cuda_check)
+#   bash tools/analysis/cuda_check.sh --phase ops OUT_DIR
+#       preflight (stops within seconds if anything is missing), the CUDA
+#       tests, the SDPA backends of ACmix-Swin, the op tables (float32 and
+#       float16 tensors) and X-volution
+#   bash tools/analysis/cuda_check.sh --phase backbones OUT_DIR
+#       preflight, then whole backbones in float32 and float16 autocast
+#   bash tools/analysis/cuda_check.sh [--phase all] OUT_DIR
+#       both, one after the other
+#   bash tools/analysis/cuda_check.sh --dry-run OUT_DIR
+#       both phases on the CPU: the same code, the smallest shapes, one
+#       pass (CI runs this)
 #
-# For a machine with torch, triton and torchvision but without mmengine and
-# mmcv (the compiled ops are not needed: no detector head runs), put their
-# pure-Python wheels in .whl/ first, on a machine with the setup's
-# environment:
+# Each phase writes OUT_DIR/cuda_check.json (every part's result, added as
+# it finishes), OUT_DIR/cuda_check.md (markdown tables), and the tests'
+# OUT_DIR/tests.xml. OUT_DIR defaults to $OUT, else work_dirs/cuda_check.
 #
-#   .venv/bin/python -m pip download --no-deps -d .whl mmengine==0.10.7 \
-#       addict yapf termcolor rich markdown-it-py mdurl pygments
-#   MMCV_WITH_OPS=0 .venv/bin/python -m pip wheel --no-deps \
-#       --no-build-isolation -w .whl mmcv==2.1.0
+# The GPU machine has no mmengine or mmcv: make their wheels first, here,
+# with `bash tools/analysis/cuda_wheels.sh` (into .whl/, ignored by git,
+# carried along by the device tool). They are unpacked into a temporary
+# folder; the checkout and that folder are the only entries of
+# PYTHONPATH, so nothing is installed into the machine's Python. mmdet,
+# mmseg and mmpretrain are blocked from import in every mode.
 #
-# They are installed into a temporary folder on PYTHONPATH, with the
-# checkout itself, so nothing is installed into the machine's Python.
 # PYTHON selects the interpreter (default: .venv/bin/python if present,
-# else python3).
+# else python3). CUDA_CHECK_BUDGET_S is each phase's budget in seconds
+# (default 200; the phase skips, and records as skipped, what would start
+# later); a hard timeout stops it 60 s after that.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-out=${1:-${OUT:-work_dirs/cuda_check}}
-mkdir -p "$out"
+phases=(ops backbones)
+dry=()
+out=
+while [ $# -gt 0 ]; do
+    case $1 in
+        --dry-run) dry=(--dry-run) ;;
+        --phase)
+            case ${2:-} in
+                ops | backbones) phases=("$2") ;;
+                all) phases=(ops backbones) ;;
+                *)
+                    echo "cuda_check.sh: --phase must be ops, backbones or all, got '${2:-}'" >&2
+                    exit 2
+                    ;;
+            esac
+            shift
+            ;;
+        -*)
+            echo "cuda_check.sh: unknown option '$1' (accepted: --dry-run, --phase ops|backbones|all)" >&2
+            exit 2
+            ;;
+        *) out=$1 ;;
+    esac
+    shift
+done
+out=${out:-${OUT:-work_dirs/cuda_check}}
 if [ -z "${PYTHON:-}" ]; then
     PYTHON=python3
     [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 fi
+budget=${CUDA_CHECK_BUDGET_S:-200}
+mkdir -p "$out" || exit 2
+
+# A clean Python path: the checkout (not an installed mmacmix) and the
+# carried wheels, nothing inherited.
+path=$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then
     deps=$(mktemp -d)
     trap 'rm -rf "$deps"' EXIT
-    "$PYTHON" -m pip install -q --no-deps --target "$deps" .whl/*.whl
-    export PYTHONPATH="$deps:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    for wheel in .whl/*.whl; do
+        "$PYTHON" -m zipfile -e "$wheel" "$deps" || exit 2
+    done
+    path=$PWD:$deps
 fi
 
 status=0
-run() {  # run NAME COMMAND...: output to OUT_DIR/NAME.txt, status kept
-    local name=$1
-    shift
-    echo "== $name: $*"
-    if ! "$@" >"$out/$name.txt" 2>&1; then
-        echo "   failed, see $out/$name.txt"
-        status=1
-    fi
-    tail -n 25 "$out/$name.txt"
-}
-
-run environment "$PYTHON" -c '
-import torch, triton
-print("torch", torch.__version__, "triton", triton.__version__)
-print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")
-'
-run tests "$PYTHON" -m pytest -q -p no:cacheprovider \
-    tests/test_ops/test_local_attention_triton.py tests/test_ops/test_local_attention.py \
-    tests/test_ops/test_autocast.py -k "cuda or half_precision"
-run sdpa_backends "$PYTHON" - <<'EOF'
-# Which fused backends accept ACmix-Swin-T's window attention (4-d inputs
-# and an additive bias), forward + backward under float16 autocast.
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from mmacmix.models import ACmixSwinTransformer
-
-model = ACmixSwinTransformer(arch='tiny').cuda()
-x = torch.randn(2, 3, 800, 1216, device='cuda')
-for backend in (
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.MATH,
-):
-    try:
-        with sdpa_kernel([backend]), torch.autocast('cuda', torch.float16):
-            outs = model(x)
-        sum(o.float().sum() for o in outs).backward()
-        print(f'{backend.name}: runs')
-    except RuntimeError as error:
-        print(f'{backend.name}: refused ({str(error).splitlines()[0]})')
-EOF
-bench=tools/analysis/benchmark_ops.py
-run ops_float32 "$PYTHON" "$bench" --device cuda --tables acmix attention
-run ops_float16 "$PYTHON" "$bench" --device cuda --tables acmix attention \
-    --autocast float16
-run xvolution_float32 "$PYTHON" "$bench" --device cuda --tables xvolution
-run backbones_float32 "$PYTHON" "$bench" --device cuda --tables --backbone
-run backbones_float16 "$PYTHON" "$bench" --device cuda --tables --backbone \
-    --autocast float16
+for phase in "${phases[@]}"; do
+    echo "== phase $phase (budget ${budget} s)"
+    PYTHONPATH=$path timeout --kill-after=10 $((budget + 60)) \
+        "$PYTHON" tools/analysis/cuda_check.py --phase "$phase" \
+        --budget-s "$budget" "${dry[@]}" "$out"
+    code=$?
+    echo "== phase $phase: exit $code"
+    [ $code -eq 2 ] && exit 2  # the preflight failed: nothing else can run
+    [ $code -ne 0 ] && status=1
+done
+[ -f "$out/cuda_check.md" ] && cat "$out/cuda_check.md"
 exit $status
