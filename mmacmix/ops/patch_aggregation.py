@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .local_attention import fold_index
+from .local_attention import triton_available as _local_triton_available
 
 __all__ = ['patch_aggregation', 'reflection_pad', 'reflection_indices']
 
@@ -46,16 +47,10 @@ def _triton_kernels() -> ModuleType | None:
 
 
 def triton_available(device: torch.device | str = 'cuda') -> bool:
-    """Whether the Triton kernels can run on tensors of ``device``: on CUDA
-    with triton installed, on the CPU also with ``TRITON_INTERPRET=1`` set
-    before the kernels were first used."""
-    kernels = _triton_kernels()
-    if kernels is None:
-        return False
-    device_type = torch.device(device).type
-    return device_type == 'cuda' or (
-        device_type == 'cpu' and kernels.INTERPRETED
-    )
+    """Whether the Triton kernels can run on tensors of ``device``: where
+    the local attention's can (triton on CUDA, or its interpreter for CPU
+    tensors) and these kernels import."""
+    return _triton_kernels() is not None and _local_triton_available(device)
 
 
 def reflection_indices(size: int, padding: int, device) -> Tensor:

@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .local_attention_triton import _widen
+
 INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
 # Sizes Triton would specialise when equal to 1 or divisible by 16: the
 # kernels take them as plain integers, so that such maps (and one group)
@@ -56,15 +58,6 @@ def _reflect(x, size, PERIODIC: tl.constexpr):
     else:
         x = tl.where(x < 0, -x, x)
         y = tl.where(x >= size, 2 * (size - 1) - x, x)
-    return y
-
-
-@triton.jit
-def _widen(x, FP64: tl.constexpr):
-    if FP64:
-        y = x.to(tl.float64)
-    else:
-        y = x.to(tl.float32)
     return y
 
 
