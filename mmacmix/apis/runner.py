@@ -266,6 +266,10 @@ def train(
         setup_distributed(cfg, launcher)
         if checkpoint:
             check_checkpoint(cfg, checkpoint, bool(resume), strict)
+        else:
+            # A config mistake (a mistyped type or argument) fails here,
+            # before the Runner logs anything or makes its work folder.
+            build_model(cfg)
         fetch_pretrained(cfg.model)
         runner = build_runner(add_project_hooks(cfg), strict=strict)
         runner.train()

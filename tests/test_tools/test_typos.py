@@ -235,3 +235,19 @@ def test_configs_near_miss_gets_suggestions(name, suggestion, capsys):
 def test_configs_example_in_messages_is_a_config():
     """The example that 'give its path below configs/' shows exists."""
     assert Path(configs.find_config(configs.EXAMPLE)).is_file()
+
+
+def test_train_typo_fails_before_the_work_folder(tmp_path, capsys):
+    """tools/train.py builds the model before the Runner: a typo is one
+    line, and no work folder (nor its log) is made."""
+    config = write_config(tmp_path, 'out_indice=(0, 1, 2, 3)')
+    before = listing(tmp_path)
+    code, err = run(
+        tool('train.py'), [config, '--work-dir', tmp_path / 'work'], capsys
+    )
+    assert code == 1
+    assert error_line(err) == (
+        "error: mmacmix.ACmixResNet has no argument 'out_indice'; did you "
+        'mean out_indices?'
+    )
+    assert listing(tmp_path) == before
