@@ -12,13 +12,10 @@ their registers, spills and layouts: test_triton_gates.py.
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter import relative_errors, run_interpreted
 from test_local_attention import make_inputs, outputs_and_grads, reference
 
 from mmacmix.ops import local_attention, triton_available
@@ -76,26 +73,12 @@ def case_errors(case, device: str = 'cpu') -> dict[str, float]:
         lambda *x: reference(*x, kernel_size, stride, pad),
         *(x.double() for x in (q, k, v, grad)),
     )
-    errors = {}
-    for name, a, b in zip(NAMES, got, expected):
-        assert a.dtype == dtype and a.shape == b.shape, name
-        scale = max(1.0, b.abs().max().item())
-        errors[name] = (a.cpu().double() - b).abs().max().item() / scale
-    return errors
+    return relative_errors(NAMES, got, expected, dtype)
 
 
 @pytest.fixture(scope='module')
 def interpreted_errors() -> list[dict[str, float]]:
-    env = dict(os.environ, TRITON_INTERPRET='1', OMP_NUM_THREADS='1')
-    result = subprocess.run(
-        [sys.executable, str(Path(__file__))],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize('index', range(len(CASES)), ids=str)
