@@ -27,7 +27,7 @@ from cli_helpers import error_line, listing, run, tool
 from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.runner import CheckpointLoader
 from mmengine.runner.checkpoint import load_from_local
-from xvolution_helpers import torchvision_resnet
+from model_helpers import torchvision_resnet
 
 from mmacmix.checkpoint import (
     UntrustedCheckpointError,

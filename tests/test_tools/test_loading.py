@@ -21,7 +21,7 @@ from cli_helpers import error_line, listing, run, tool
 from mmdet.models.backbones import ResNet
 from mmengine.runner import CheckpointLoader
 from mmengine.runner.checkpoint import load_from_local
-from xvolution_helpers import torchvision_resnet
+from model_helpers import torchvision_resnet
 
 import mmacmix.deploy
 from mmacmix.apis import (
