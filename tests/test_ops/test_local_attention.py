@@ -172,6 +172,26 @@ def test_fold_index_matches_reflection_padding():
 
 
 @pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('stride', [2, 3])
+def test_rows_no_window_reads_get_zero_gradient(impl, stride):
+    # A 1x1 window at stride s reads every s-th row and column only.
+    # NaN-filled blocks of the gradients' size are freed first, so that a
+    # gradient left unwritten anywhere would show up.
+    q, k, v, grad = make_inputs(2, 3, 9, 11, stride)
+    garbage = [torch.full_like(k, math.nan) for _ in range(4)]
+    del garbage
+    _, _, grad_k, grad_v = outputs_and_grads(
+        lambda *x: local_attention(*x, 1, stride, impl=impl), q, k, v, grad
+    )
+    read = torch.zeros(9, 11, dtype=torch.bool)
+    read[::stride, ::stride] = True
+    # A one-entry softmax has no key gradient at all.
+    assert torch.equal(grad_k, torch.zeros_like(k))
+    assert (grad_v[..., ~read] == 0).all()
+    assert torch.equal(grad_v[..., read], grad.flatten(2))
+
+
+@pytest.mark.parametrize('impl', IMPLS)
 def test_implementations_agree_at_acmix_size(impl):
     # One stage-4-like map of an ACmix-ResNet, both implementations.
     q, k, v, grad = make_inputs(8, 16, 13, 19, 1, torch.float32)

@@ -240,6 +240,10 @@ class OtherBuild(torch.autograd.Function):
         )
         OtherBuild.ext = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(OtherBuild.ext)
+        # Both builds run the same instruction set (builds from before the
+        # variants have one, chosen when compiled).
+        if hasattr(OtherBuild.ext, 'set_cpu_isa'):
+            OtherBuild.ext.set_cpu_isa(native.cpu_isa())
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -948,13 +952,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.other_build:
-        OtherBuild.load(args.other_build)
     if args.cpu_isa:
         try:
             native.set_cpu_isa(args.cpu_isa)
         except (RuntimeError, ValueError) as error:
             sys.exit(f'--cpu-isa {args.cpu_isa}: {error}')
+    if args.other_build:
+        OtherBuild.load(args.other_build)
     TABLES['isas'] = (
         'conv',
         *(f'attention-isa-{isa}' for isa in native.supported_cpu_isas()[::-1]),

@@ -853,12 +853,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k,
               "q must be (N, D, ceil(H / stride), ceil(W / stride))");
 }
 
-// Output rows per backward band: the band buffers stay near 16 MB, with at
-// least 8 rows so that the input rows shared by two bands stay few.
+// Output rows per backward band: the band buffers stay near 4 MB, about
+// what the L2 caches of two cores hold, so that the second pass reads them
+// back from there rather than from L3 or memory; with at least 8 rows so
+// that the input rows shared by two bands stay few.
 int64_t band_rows(const Geometry& g, int64_t element_size) {
   const int64_t per_row =
       g.n * (2 * g.kk + 2 * g.d) * g.row_len * element_size;
-  const int64_t rows = (int64_t(16) << 20) / std::max<int64_t>(per_row, 1);
+  const int64_t rows = (int64_t(4) << 20) / std::max<int64_t>(per_row, 1);
   return std::min(g.ho, std::max<int64_t>(rows, 8));
 }
 
